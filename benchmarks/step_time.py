@@ -1,0 +1,122 @@
+"""Time one training step of every family (median over many steps after warm-up, interleaved).
+
+    python benchmarks/step_time.py                    # N = 10,000 full batch and B = 1,000 minibatches
+    python benchmarks/step_time.py --n 2000 --steps 5 # a quick look
+
+Every family's step is the trainer's own (negative_elbo + backward + Adam/SparseAdam step) on real
+MNIST images with the default model (d = 64, H = 256, depth 2). Steps of all families are interleaved,
+round after round, so that drift of the machine hits them alike. Prints a Markdown table and, with
+--json, writes the raw timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from amortized_bayes.config import DataConfig, FamilyConfig, ObjectiveConfig, RunConfig, TrainConfig
+from amortized_bayes.data import load_split
+from amortized_bayes.meta import machine_description
+from amortized_bayes.objectives import negative_elbo
+from amortized_bayes.training import batch_schedule, build, make_optimisers
+
+FAMILIES = [
+    ("A-VI k=1", FamilyConfig(name="amortized", width=1)),
+    ("A-VI k=64", FamilyConfig(name="amortized", width=64)),
+    ("A-VI k=128", FamilyConfig(name="amortized", width=128)),
+    ("A-VI k=256", FamilyConfig(name="amortized", width=256)),
+    ("F-VI", FamilyConfig(name="factorized")),
+    ("constant-VI", FamilyConfig(name="constant")),
+    ("SA-VI k=64 K=5", FamilyConfig(name="semi-amortized", width=64, refine_steps=5)),
+]
+
+
+class Stepper:
+    """One family's training state and a closure that performs exactly one trainer step."""
+
+    def __init__(self, family: FamilyConfig, x: torch.Tensor, batch_size: int | None, local_terms: str):
+        n = x.shape[0]
+        self.config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family,
+                                objective=ObjectiveConfig(local_terms=local_terms),
+                                train=TrainConfig(batch_size=batch_size))
+        self.model, self.family = build(self.config, n)
+        self.optimisers = make_optimisers(self.model, self.family, self.config)
+        self.x, self.n = x, n
+        self.generator = torch.Generator().manual_seed(0)
+        self.batches: list[torch.Tensor] = []
+        self.x_all = x if local_terms == "all" else None
+
+    def step(self) -> float:
+        if not self.batches:
+            self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
+        rows = self.batches.pop()
+        start = time.perf_counter()
+        for opt in self.optimisers:
+            opt.zero_grad(set_to_none=True)
+        loss = negative_elbo(self.model, self.family, self.x[rows], rows, num_data=self.n,
+                             config=self.config.objective, generator=self.generator, x_all=self.x_all)
+        loss.backward()
+        for opt in self.optimisers:
+            opt.step()
+        return time.perf_counter() - start
+
+
+def run_case(x, batch_size, local_terms, steps, warmup):
+    steppers = {name: Stepper(fam, x, batch_size, local_terms) for name, fam in FAMILIES}
+    for _ in range(warmup):
+        for s in steppers.values():
+            s.step()
+    times = {name: [] for name in steppers}
+    for _ in range(steps):
+        for name, s in steppers.items():
+            times[name].append(s.step())
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=10_000, help="training images (default 10,000)")
+    parser.add_argument("--batch", type=int, default=1_000, help="minibatch size of the second case")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per family and case")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="write raw timings here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x = load_split("mnist", "train", n=args.n).images
+    cases = [(f"N = {args.n:,} full batch", None, "batch"),
+             (f"B = {args.batch:,} minibatches of N = {args.n:,}", args.batch, "batch")]
+    results = {}
+    for label, batch, scheme in cases:
+        results[label] = run_case(x, batch, scheme, args.steps, args.warmup)
+    meta = machine_description()
+    print(f"machine: {platform.processor() or platform.machine()}, {meta['cpu_count']} cores, "
+          f"torch {meta['torch']} with {torch.get_num_threads()} threads; {args.steps} timed steps after "
+          f"{args.warmup} warm-up, interleaved; median (min-max) ms per step\n")
+    names = [name for name, _ in FAMILIES]
+    print("| family | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for name in names:
+        cells = []
+        for label in results:
+            t = [1e3 * v for v in results[label][name]]
+            cells.append(f"{statistics.median(t):.1f} ({min(t):.1f}-{max(t):.1f})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    ref = "F-VI"
+    print(f"\nratio to {ref} (median step time):")
+    for label in results:
+        base = statistics.median(results[label][ref])
+        print(f"  {label}: " + ", ".join(f"{n} {statistics.median(results[label][n]) / base:.2f}" for n in names))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "args": vars(args), "seconds": results}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Log densities and KL divergences used by the objectives, as small pure functions.
+
+All log densities keep their normalising constants (nats). Shapes broadcast; reductions are explicit
+in the callers. ``log_sigma`` is the log standard deviation throughout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def normal_log_prob(value: torch.Tensor, loc: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(value; loc, exp(log_sigma)^2)."""
+    return -0.5 * LOG_2PI - log_sigma - 0.5 * ((value - loc) * torch.exp(-log_sigma)) ** 2
+
+
+def normal_log_prob_from_noise(eps: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise log q(v) for v = loc + exp(log_sigma) * eps: the same value as :func:`normal_log_prob`
+    at that v, computed without the cancellation (v - loc)."""
+    return -0.5 * LOG_2PI - log_sigma - 0.5 * eps**2
+
+
+def standard_normal_log_prob(value: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Elementwise log N(value; 0, scale^2)."""
+    return -0.5 * LOG_2PI - math.log(scale) - 0.5 * (value / scale) ** 2
+
+
+def kl_normal_to_centered(loc: torch.Tensor, log_sigma: torch.Tensor, prior_scale: float = 1.0) -> torch.Tensor:
+    """Elementwise KL( N(loc, exp(log_sigma)^2) || N(0, prior_scale^2) ) in nats."""
+    var_ratio = torch.exp(2.0 * log_sigma) / prior_scale**2
+    return 0.5 * (var_ratio + loc**2 / prior_scale**2 - 1.0 - torch.log(var_ratio))
+
+
+def normal_entropy(log_sigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise entropy of N(., exp(log_sigma)^2): 0.5 log(2 pi e) + log_sigma."""
+    return 0.5 * (LOG_2PI + 1.0) + log_sigma
+
+
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, obs_var: float) -> torch.Tensor:
+    """log N(x; mean, obs_var I) summed over the last dimension (pixels). x: (..., D) -> (...)."""
+    d = x.shape[-1]
+    sq = (x - mean).pow(2).sum(-1)
+    return -0.5 * d * (LOG_2PI + math.log(obs_var)) - 0.5 * sq / obs_var
+
+
+def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log Bernoulli(x; sigmoid(logits)) summed over the last dimension; x in [0, 1] (binary for a
+    proper likelihood). (..., D) -> (...)."""
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+
+# --- legacy-2024: the published code's terms (SPEC §3). Not densities: constants dropped, and log q
+# evaluated with the standard deviation where the variance belongs.
+
+
+def legacy_log_q(eps: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Elementwise -1/2 [log s + (v - m)^2 / s] with s = exp(log_sigma) the sd that drew v = m + s eps."""
+    sigma = torch.exp(log_sigma)
+    return -0.5 * (log_sigma + (sigma * eps) ** 2 / sigma)
+
+
+def legacy_log_prior_theta(theta: torch.Tensor) -> torch.Tensor:
+    """Elementwise -theta^2 (a N(0, 1/2) prior without its constant)."""
+    return -(theta**2)
+
+
+def legacy_log_prior_z(z: torch.Tensor) -> torch.Tensor:
+    """Elementwise -1/2 z^2."""
+    return -0.5 * z**2
+
+
+def legacy_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """-||x - mean||^2 summed over pixels (sigma^2 = 1/2 without the constant). (..., D) -> (...)."""
+    return -(x - mean).pow(2).sum(-1)

@@ -1,0 +1,216 @@
+"""Variational families for the local latents (SPEC §2), all behind one interface.
+
+Given a batch of images ``x`` (B, D) and their row indices ``idx`` (B,), a family returns the means and
+log standard deviations of q_n(z_n), each (B, d). A new family is one class registered with
+:func:`register_family`; the trainer does not change.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FamilyConfig
+
+# (x (B, D), mu (B, d), log_sigma (B, d)) -> per-datapoint local ELBO (B,) with theta held fixed.
+LocalELBO = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+FAMILIES: dict[str, type["VariationalFamily"]] = {}
+
+
+def register_family(cls: type["VariationalFamily"]) -> type["VariationalFamily"]:
+    """Class decorator: make ``cls`` available under ``cls.name`` in configs."""
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+class VariationalFamily(nn.Module, ABC):
+    """The local factor q_n(z_n) = N(mu_n, diag sigma_n^2).
+
+    ``amortized``: whether new images are mapped without optimisation (an encoder). Families that are
+    not amortized provide :meth:`for_new_data`, a fresh family for M new images that test-time inference
+    fits with q(theta) frozen.
+    """
+
+    name: ClassVar[str]
+    amortized: ClassVar[bool]
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: FamilyConfig, *, num_data: int, data_dim: int, latent_dim: int,
+                    sparse: bool = False) -> "VariationalFamily":
+        """Build from a config. ``sparse``: per-datapoint parameters get sparse gradients (lazy updates)."""
+
+    @abstractmethod
+    def local_params(self, x: torch.Tensor, idx: torch.Tensor | None,
+                     refine: LocalELBO | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Means and log standard deviations of q_n for the batch, each (B, d). ``idx`` None means the
+        rows 0..B-1. ``refine``, when given, is the local ELBO a family may improve its output on."""
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose gradients are sparse (rows of datapoints in the batch only)."""
+        return []
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+    def for_new_data(self, num_data: int) -> "VariationalFamily":
+        """A family for ``num_data`` new images (amortized families map them as they are)."""
+        if self.amortized:
+            return self
+        raise NotImplementedError(f"{type(self).__name__} must define for_new_data")
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with LeakyReLU(0.2) between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(nn.LeakyReLU(0.2))
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
+
+@register_family
+class AmortizedFamily(VariationalFamily):
+    """A-VI: an encoder MLP D -> k (x depth) with LeakyReLU(0.2), and linear mean and log-sd heads.
+    ``depth`` 0 makes both heads linear in x."""
+
+    name = "amortized"
+    amortized = True
+
+    def __init__(self, data_dim: int, latent_dim: int, width: int, depth: int):
+        super().__init__()
+        self.width, self.depth = width, depth
+        self.trunk = mlp([data_dim] + [width] * depth) if depth > 0 else nn.Identity()
+        features = width if depth > 0 else data_dim
+        self.mean_head = nn.Linear(features, latent_dim)
+        self.log_sigma_head = nn.Linear(features, latent_dim)
+
+    @classmethod
+    def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
+        return cls(data_dim, latent_dim, config.width, config.depth)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(x)
+        if self.depth > 0:
+            h = F.leaky_relu(h, 0.2)
+        return self.mean_head(h), self.log_sigma_head(h)
+
+    def local_params(self, x, idx, refine=None):
+        return self.encode(x)
+
+
+@register_family
+class SemiAmortizedFamily(AmortizedFamily):
+    """SA-VI (Kim et al. 2018): the encoder's output refined by K gradient-ascent steps of size ``lr``
+    on each datapoint's local ELBO (theta at its posterior mean). With ``backprop`` the encoder is
+    trained through the unrolled steps; without, the refined output passes the gradient straight to
+    the encoder's output (no second-order terms)."""
+
+    name = "semi-amortized"
+
+    def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool):
+        super().__init__(data_dim, latent_dim, width, depth)
+        self.steps, self.lr, self.backprop = steps, lr, backprop
+
+    @classmethod
+    def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
+        return cls(data_dim, latent_dim, config.width, config.depth, config.refine_steps, config.refine_lr,
+                   config.refine_backprop)
+
+    def local_params(self, x, idx, refine=None):
+        mu0, log_sigma0 = self.encode(x)
+        if refine is None or self.steps == 0:
+            return mu0, log_sigma0
+        keep_graph = self.backprop and torch.is_grad_enabled()
+        with torch.enable_grad():
+            if keep_graph:
+                mu, log_sigma = mu0, log_sigma0
+            else:
+                mu = mu0.detach().requires_grad_(True)
+                log_sigma = log_sigma0.detach().requires_grad_(True)
+            for _ in range(self.steps):
+                elbo = refine(x, mu, log_sigma).sum()
+                g_mu, g_ls = torch.autograd.grad(elbo, (mu, log_sigma), create_graph=keep_graph)
+                mu, log_sigma = mu + self.lr * g_mu, log_sigma + self.lr * g_ls
+        if keep_graph:
+            return mu, log_sigma
+        # Straight-through: the refined values, with the gradient passed to the encoder's output.
+        return mu0 + (mu - mu0).detach(), log_sigma0 + (log_sigma - log_sigma0).detach()
+
+
+@register_family
+class FactorizedFamily(VariationalFamily):
+    """F-VI: free (mu_n, log sigma_n) for every datapoint, stored as (N, d) tables. With ``sparse`` the
+    tables get sparse gradients, so a lazy optimiser moves only the rows of the batch."""
+
+    name = "factorized"
+    amortized = False
+
+    def __init__(self, num_data: int, latent_dim: int, init_log_scale: float = 0.0, sparse: bool = False):
+        super().__init__()
+        self.init_log_scale, self.sparse = init_log_scale, sparse
+        self.loc = nn.Embedding(num_data, latent_dim, sparse=sparse)
+        self.log_sigma = nn.Embedding(num_data, latent_dim, sparse=sparse)
+        nn.init.zeros_(self.loc.weight)
+        nn.init.constant_(self.log_sigma.weight, init_log_scale)
+
+    @classmethod
+    def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
+        return cls(num_data, latent_dim, config.init_log_scale, sparse)
+
+    @property
+    def num_data(self) -> int:
+        return int(self.loc.weight.shape[0])
+
+    def local_params(self, x, idx, refine=None):
+        if idx is None:
+            if x.shape[0] != self.num_data:
+                raise ValueError(f"factorized family has {self.num_data} factors, got {x.shape[0]} images "
+                                 "without indices")
+            return self.loc.weight, self.log_sigma.weight
+        return self.loc(idx), self.log_sigma(idx)
+
+    def sparse_parameters(self):
+        return [self.loc.weight, self.log_sigma.weight] if self.sparse else []
+
+    def for_new_data(self, num_data):
+        return FactorizedFamily(num_data, self.loc.weight.shape[1], self.init_log_scale).to(self.loc.weight.device)
+
+
+@register_family
+class ConstantFamily(VariationalFamily):
+    """Constant-VI: one (mu, log sigma) shared by every datapoint."""
+
+    name = "constant"
+    amortized = False
+
+    def __init__(self, latent_dim: int, init_log_scale: float = 0.0):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.log_sigma = nn.Parameter(torch.full((latent_dim,), float(init_log_scale)))
+
+    @classmethod
+    def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
+        return cls(latent_dim, config.init_log_scale)
+
+    def local_params(self, x, idx, refine=None):
+        b = x.shape[0]
+        return self.loc.expand(b, -1), self.log_sigma.expand(b, -1)
+
+    def for_new_data(self, num_data):
+        # New images share one factor too; start it from the trained one.
+        return copy.deepcopy(self)
+
+
+def build_family(config: FamilyConfig, *, num_data: int, data_dim: int, latent_dim: int,
+                 sparse: bool = False) -> VariationalFamily:
+    return FAMILIES[config.name].from_config(config, num_data=num_data, data_dim=data_dim,
+                                              latent_dim=latent_dim, sparse=sparse)

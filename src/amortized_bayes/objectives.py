@@ -1,0 +1,154 @@
+"""Unbiased minibatch estimates of the full-data ELBO (SPEC §3), and the legacy-2024 objective.
+
+ELBO(q) = E_q[log p(x, z, theta)] - E_q[log q(theta, z)], split into five terms, each reported at
+full-data scale in nats:
+
+* ``log_lik``   sum_n E log p(x_n | z_n, theta)   (batch rows, scaled by N/B)
+* ``log_prior_z`` + ``entropy_z``: sum_n E[log p(z_n) - log q(z_n)] = -sum_n KL(q_n || p)
+  (``batch``: batch rows scaled by N/B; ``all``: every row, every step)
+* ``log_prior_theta`` + ``entropy_theta``: E[log p(theta) - log q(theta)] = -KL(q(theta) || p(theta)),
+  counted once per step.
+
+With ``estimator="mc"`` every term is a Monte Carlo average over the S draws; with ``"analytic"`` the
+two KL terms are in closed form (their split into prior and entropy parts is reported too). For the
+``legacy-2024`` objective the same machinery evaluates the published code's terms instead; its value is
+not an ELBO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import densities as dens
+from .config import ObjectiveConfig
+from .families import LocalELBO, VariationalFamily
+from .model import BayesianDecoder, ThetaDraw
+
+
+@dataclass
+class ObjectiveTerms:
+    """The five terms of the objective (scalars, nats, full-data scale). ``value`` is their sum: the
+    ELBO estimate (or the legacy objective's value)."""
+
+    log_lik: torch.Tensor
+    log_prior_z: torch.Tensor
+    entropy_z: torch.Tensor
+    log_prior_theta: torch.Tensor
+    entropy_theta: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.log_lik + self.log_prior_z + self.entropy_z + self.log_prior_theta + self.entropy_theta
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k)) for k in
+                ("log_lik", "log_prior_z", "entropy_z", "log_prior_theta", "entropy_theta")}
+
+
+def log_likelihood(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
+    """Per-draw, per-image log p(x | z, theta). x: (B, D), out: (S, B, D) -> (S, B)."""
+    if legacy:
+        return dens.legacy_log_likelihood(x, out)
+    if model.config.likelihood == "bernoulli":
+        return dens.bernoulli_log_likelihood(x, out)
+    return dens.gaussian_log_likelihood(x, out, model.config.obs_var)
+
+
+def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E log p(theta), E[-log q(theta)]) estimated from ``theta`` (mc) or in closed form (analytic)."""
+    scale = model.config.prior_scale
+    if estimator == "analytic":
+        neg_kl = -sum(dens.kl_normal_to_centered(m, s, scale).sum() for m, s in zip(model.loc, model.log_scale))
+        entropy = sum(dens.normal_entropy(s).sum() for s in model.log_scale)
+        return neg_kl - entropy, entropy
+    S = theta.num_samples
+    if legacy:
+        prior = sum(dens.legacy_log_prior_theta(v).sum() for v in theta.values) / S
+        log_q = sum(dens.legacy_log_q(e, s).sum() for e, s in zip(theta.eps, model.log_scale)) / S
+    else:
+        prior = sum(dens.standard_normal_log_prob(v, scale).sum() for v in theta.values) / S
+        log_q = sum(dens.normal_log_prob_from_noise(e, s).sum() for e, s in zip(theta.eps, model.log_scale)) / S
+    return prior, -log_q
+
+
+def local_terms(mu: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor, eps: torch.Tensor,
+                estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_n E log p(z_n), sum_n E[-log q(z_n)]) over the given rows, averaged over the S draws.
+    mu, log_sigma: (B, d); z, eps: (S, B, d)."""
+    if estimator == "analytic":
+        neg_kl = -dens.kl_normal_to_centered(mu, log_sigma).sum()
+        entropy = dens.normal_entropy(log_sigma).sum()
+        return neg_kl - entropy, entropy
+    S = z.shape[0]
+    if legacy:
+        return dens.legacy_log_prior_z(z).sum() / S, -dens.legacy_log_q(eps, log_sigma).sum() / S
+    return dens.standard_normal_log_prob(z).sum() / S, -dens.normal_log_prob_from_noise(eps, log_sigma).sum() / S
+
+
+def draw_z(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
+           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """S reparameterised draws z = mu + sigma * eps. (B, d) -> z, eps: (S, B, d)."""
+    eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(log_sigma) * eps, eps
+
+
+def make_local_elbo(model: BayesianDecoder, num_samples: int = 1, generator: torch.Generator | None = None,
+                    theta: ThetaDraw | None = None) -> LocalELBO:
+    """Per-image local ELBO_x(q) = E_q(z)[log p(x | z, theta) + log p(z) - log q(z)] with theta fixed
+    (default: the posterior mean), by S reparameterised draws and the closed-form KL. Returns (B,)."""
+
+    def local_elbo(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+        th = theta if theta is not None else model.mean()
+        z, _ = draw_z(mu, log_sigma, num_samples, generator)
+        ll = log_likelihood(model, x, model.decode(z, th), legacy=False).mean(0)
+        return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
+
+    return local_elbo
+
+
+def objective_terms(
+    model: BayesianDecoder,
+    family: VariationalFamily,
+    x_batch: torch.Tensor,
+    idx_batch: torch.Tensor | None,
+    *,
+    num_data: int,
+    config: ObjectiveConfig,
+    generator: torch.Generator | None = None,
+    x_all: torch.Tensor | None = None,
+) -> ObjectiveTerms:
+    """An unbiased estimate of the full-data objective from one minibatch.
+
+    x_batch: (B, D) images, idx_batch: (B,) their rows in the training set (None: rows 0..B-1 and
+    B must equal ``num_data``). ``x_all`` (N, D) is needed for ``local_terms="all"`` (the encoder runs
+    on every image each step).
+    """
+    legacy = config.kind == "legacy-2024"
+    S, B = config.num_samples, x_batch.shape[0]
+    theta = model.sample(S, generator)
+    refine = make_local_elbo(model, 1, generator) if family.name == "semi-amortized" else None
+    if config.local_terms == "all":
+        if x_all is None or x_all.shape[0] != num_data:
+            raise ValueError("local_terms='all' needs x_all with every one of the num_data images")
+        all_idx = torch.arange(num_data, device=x_batch.device)
+        mu_all, ls_all = family.local_params(x_all, all_idx, refine)
+        z_all, eps_all = draw_z(mu_all, ls_all, S, generator)
+        rows = idx_batch if idx_batch is not None else all_idx[:B]
+        z = z_all[:, rows]
+        log_prior_z, entropy_z = local_terms(mu_all, ls_all, z_all, eps_all, config.estimator, legacy)
+    else:
+        mu, ls = family.local_params(x_batch, idx_batch, refine)
+        z, eps = draw_z(mu, ls, S, generator)
+        lp, ent = local_terms(mu, ls, z, eps, config.estimator, legacy)
+        log_prior_z, entropy_z = lp * (num_data / B), ent * (num_data / B)
+    ll = log_likelihood(model, x_batch, model.decode(z, theta), legacy).sum() / S * (num_data / B)
+    log_prior_theta, entropy_theta = theta_terms(model, theta, config.estimator, legacy)
+    return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
+
+
+def negative_elbo(model, family, x_batch, idx_batch, *, num_data, config, generator=None, x_all=None) -> torch.Tensor:
+    """The loss the trainer minimises: minus :func:`objective_terms`' value (a scalar, nats)."""
+    return -objective_terms(model, family, x_batch, idx_batch, num_data=num_data, config=config,
+                            generator=generator, x_all=x_all).value

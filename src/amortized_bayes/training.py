@@ -1,0 +1,250 @@
+"""The trainer: Adam on the negative ELBO, per-step and per-eval records, NaN guard (SPEC §3-§4).
+
+``fit(config)`` loads the data through the data layer, builds the decoder and the family, and trains.
+Per step it records the minibatch estimate of -ELBO and the cumulative training wall time (evaluation
+excluded). Every ``eval_every`` epochs (and before the first) it records the full-data -ELBO, train and
+test reconstruction MSE, posterior-collapse diagnostics, and for families without an encoder the cost
+of fitting the test images' q(z') with q(theta) frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import RunConfig
+from .evaluation import (
+    collapse_diagnostics,
+    full_data_negative_elbo,
+    legacy_objective_value,
+    local_posterior,
+    reconstruction_mse,
+)
+from .families import VariationalFamily, build_family
+from .inference import infer_local
+from .meta import machine_description
+from .model import BayesianDecoder
+from .objectives import negative_elbo
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient became NaN or Inf. ``step`` names the step; ``result`` holds the run as it
+    was after the last good step (its parameters were not updated with the bad gradient)."""
+
+    def __init__(self, message: str, step: int, result: "FitResult"):
+        super().__init__(message)
+        self.step, self.result = step, result
+
+
+@dataclass
+class History:
+    """Per-step records (lists of equal length) and per-eval records (a list of dicts)."""
+
+    step: list[int] = field(default_factory=list)
+    epoch: list[int] = field(default_factory=list)
+    neg_elbo: list[float] = field(default_factory=list)
+    wall_time: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "neg_elbo": self.neg_elbo,
+                "wall_time": self.wall_time, "evals": self.evals}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "History":
+        return cls(**raw)
+
+
+@dataclass
+class FitResult:
+    """A trained model: q(theta) (``model``), the local family, the record of training, and (for
+    families without an encoder) the test images' fitted family."""
+
+    config: RunConfig
+    model: BayesianDecoder
+    family: VariationalFamily
+    history: History
+    meta: dict
+    test_family: VariationalFamily | None = None
+    train_indices: torch.Tensor | None = None
+    steps_done: int = 0
+    epochs_done: int = 0
+
+    @property
+    def final_eval(self) -> dict | None:
+        return self.history.evals[-1] if self.history.evals else None
+
+
+@dataclass
+class TrainingData:
+    """Training images (N, D) with their row indices in the split, and test images (M, D)."""
+
+    train: torch.Tensor
+    test: torch.Tensor | None = None
+    train_indices: torch.Tensor | None = None
+
+
+def load_training_data(config: RunConfig) -> TrainingData:
+    from .data import load_split
+
+    d = config.data
+    train = load_split(d.dataset, "train", n=d.n_train, subset=d.subset, seed=d.subset_seed,
+                       binarize=d.binarize, binarize_seed=d.binarize_seed)
+    test = None
+    if d.n_test != 0:
+        test = load_split(d.dataset, "test", n=d.n_test, binarize=d.binarize,
+                          binarize_seed=d.binarize_seed + 1).images
+    return TrainingData(train.images, test, train.indices)
+
+
+def build(config: RunConfig, num_data: int) -> tuple[BayesianDecoder, VariationalFamily]:
+    """The decoder and family of ``config``, initialised from ``config.train.seed`` without touching
+    the global random state."""
+    sparse = (config.objective.local_terms == "batch" and config.train.batch_size is not None
+              and config.train.batch_size < num_data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.train.seed)
+        model = BayesianDecoder(config.model)
+        family = build_family(config.family, num_data=num_data, data_dim=config.model.data_dim,
+                              latent_dim=config.model.latent_dim, sparse=sparse)
+    return model, family
+
+
+def batch_schedule(num_data: int, batch_size: int | None, order: str,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """The batches of one epoch, as index tensors: contiguous slices in order ("fixed") or a fresh
+    permutation cut into slices ("shuffled"). The last batch may be smaller."""
+    if batch_size is None or batch_size >= num_data:
+        return [torch.arange(num_data)]
+    perm = torch.randperm(num_data, generator=generator) if order == "shuffled" else torch.arange(num_data)
+    return list(perm.split(batch_size))
+
+
+def make_optimisers(model, family, config: RunConfig) -> list[torch.optim.Optimizer]:
+    """Adam over dense parameters; lazy (sparse) Adam over F-VI's per-datapoint rows, so a step moves
+    only the rows of the batch."""
+    t = config.train
+    dense = list(family.dense_parameters())
+    if t.train_decoder:
+        dense += list(model.parameters())
+    optimisers: list[torch.optim.Optimizer] = []
+    if dense:
+        optimisers.append(torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay))
+    sparse = family.sparse_parameters()
+    if sparse:
+        if t.weight_decay:
+            raise ValueError("train.weight_decay: not supported with lazy F-VI updates (objective.local_terms="
+                             "'batch' with minibatches); use local_terms='all' or no weight decay")
+        optimisers.append(torch.optim.SparseAdam(sparse, lr=t.lr))
+    return optimisers
+
+
+def _all_finite(params) -> bool:
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        values = g.coalesce().values() if g.is_sparse else g
+        if not torch.isfinite(values).all():
+            return False
+    return True
+
+
+def evaluate(model, family, data: TrainingData, config: RunConfig, generator: torch.Generator,
+             test_family: VariationalFamily | None) -> tuple[dict, VariationalFamily | None]:
+    """One evaluation record (SPEC §4) and the test images' family (for warm starts)."""
+    t = config.train
+    x = data.train
+    idx = torch.arange(x.shape[0], device=x.device)
+    mu, log_sigma = local_posterior(model, family, x, idx, generator=generator)
+    record = full_data_negative_elbo(model, mu, log_sigma, x, t.eval_samples, generator)
+    record["train_mse"] = reconstruction_mse(model, mu, x)
+    record.update(collapse_diagnostics(mu, log_sigma))
+    if config.objective.kind == "legacy-2024":
+        record["legacy_objective"] = legacy_objective_value(model, family, x, x.shape[0], t.eval_samples, generator)
+    if data.test is not None and data.test.shape[0] > 0:
+        post = infer_local(model, family, data.test, t.test_inference, generator, warm_start=test_family)
+        record["test_mse"] = reconstruction_mse(model, post.mu, data.test)
+        record["test_inference_steps"] = post.steps
+        record["test_inference_seconds"] = post.seconds
+        record["test_inference_converged"] = post.converged
+        test_family = None if family.amortized else post.family
+    return record, test_family
+
+
+def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianDecoder | None = None,
+        family: VariationalFamily | None = None,
+        on_eval: Callable[[dict], None] | None = None) -> FitResult:
+    """Train ``config`` and return its :class:`FitResult`.
+
+    ``data`` defaults to the dataset of ``config.data`` through the data layer. ``model`` and ``family``
+    replace the freshly initialised ones (e.g. a decoder with known weights and ``train_decoder=False``).
+    Raises :class:`NonFiniteLossError` (carrying the last good state) if the loss or a gradient is not
+    finite.
+    """
+    t = config.train
+    device = torch.device(t.device)
+    data = data or load_training_data(config)
+    data = TrainingData(data.train.to(device), None if data.test is None else data.test.to(device),
+                        data.train_indices)
+    n = data.train.shape[0]
+    built_model, built_family = build(config, n)
+    model = (model or built_model).to(device)
+    family = (family or built_family).to(device)
+    if not t.train_decoder:
+        model.requires_grad_(False)
+    generator = torch.Generator(device=device).manual_seed(t.seed)
+    batch_generator = torch.Generator().manual_seed(t.seed + 1)
+    optimisers = make_optimisers(model, family, config)
+    params = [p for group in optimisers for g in group.param_groups for p in g["params"]]
+    history = History()
+    result = FitResult(config, model, family, history, machine_description(str(device)),
+                       train_indices=data.train_indices)
+    x_all = data.train if config.objective.local_terms == "all" else None
+    train_seconds, step = 0.0, 0
+
+    def do_eval(epoch: int) -> None:
+        record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
+        record.update(epoch=epoch, step=step, wall_time=train_seconds)
+        history.evals.append(record)
+        if on_eval is not None:
+            on_eval(record)
+
+    do_eval(0)
+    for epoch in range(1, t.epochs + 1):
+        for rows in batch_schedule(n, t.batch_size, t.batches, batch_generator):
+            rows = rows.to(device)
+            start = time.perf_counter()
+            for opt in optimisers:
+                opt.zero_grad(set_to_none=True)
+            loss = negative_elbo(model, family, data.train[rows], rows, num_data=n, config=config.objective,
+                                 generator=generator, x_all=x_all)
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"step {step + 1} (epoch {epoch}): the -ELBO estimate is {float(loss.detach())}; "
+                                         f"parameters kept from step {step}", step + 1, result)
+            loss.backward()
+            if not _all_finite(params):
+                for opt in optimisers:
+                    opt.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(f"step {step + 1} (epoch {epoch}): a gradient is NaN or Inf; "
+                                         f"parameters kept from step {step}", step + 1, result)
+            for opt in optimisers:
+                opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_seconds += time.perf_counter() - start
+            step += 1
+            history.step.append(step)
+            history.epoch.append(epoch)
+            history.neg_elbo.append(float(loss.detach()))
+            history.wall_time.append(train_seconds)
+            result.steps_done = step
+        result.epochs_done = epoch
+        if epoch % t.eval_every == 0 or epoch == t.epochs:
+            do_eval(epoch)
+    return result
