@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "RunConfig": "config", "DataConfig": "config", "ModelConfig": "config", "FamilyConfig": "config",
-    "ObjectiveConfig": "config", "TrainConfig": "config", "TestInferenceConfig": "config",
+    "ObjectiveConfig": "config", "TrainConfig": "config", "LocalInferenceConfig": "config",
     "ConfigError": "config", "fit": "training", "FitResult": "training", "NonFiniteLossError": "training",
     "save_fit": "checkpoint", "load_fit": "checkpoint", "FittedModel": "checkpoint",
     "infer_local": "inference", "negative_elbo": "objectives",

@@ -128,7 +128,7 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
-class TestInferenceConfig:
+class LocalInferenceConfig:
     """How F-VI and constant-VI fit q(z') for new images with q(theta) frozen: Adam(lr) on the local
     ELBO (``num_samples`` draws) until the mean loss over a window of ``window`` steps improves by less
     than ``rtol`` (relative) on the previous window, or ``max_steps``."""
@@ -162,7 +162,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     train_decoder: bool = True
-    test_inference: TestInferenceConfig = field(default_factory=TestInferenceConfig)
+    test_inference: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
 
     def __post_init__(self):
         _check(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
@@ -220,10 +220,10 @@ _NESTED = {
     (RunConfig, "family"): FamilyConfig,
     (RunConfig, "objective"): ObjectiveConfig,
     (RunConfig, "train"): TrainConfig,
-    (TrainConfig, "test_inference"): TestInferenceConfig,
+    (TrainConfig, "test_inference"): LocalInferenceConfig,
 }
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "FamilyConfig", "ObjectiveConfig", "TestInferenceConfig",
+    "ConfigError", "DataConfig", "ModelConfig", "FamilyConfig", "ObjectiveConfig", "LocalInferenceConfig",
     "TrainConfig", "RunConfig", "replace",
 ]

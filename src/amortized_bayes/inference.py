@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import densities as dens
-from .config import TestInferenceConfig
+from .config import LocalInferenceConfig
 from .families import VariationalFamily
 from .model import BayesianDecoder
 from .objectives import draw_z, log_likelihood, make_local_elbo
@@ -45,7 +45,7 @@ def local_negative_elbo(model: BayesianDecoder, family: VariationalFamily, x: to
 
 
 def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch.Tensor,
-                     config: TestInferenceConfig, generator: torch.Generator | None = None,
+                     config: LocalInferenceConfig, generator: torch.Generator | None = None,
                      max_steps: int | None = None) -> tuple[int, float, bool]:
     """Optimise ``family``'s parameters (only) on the local ELBO of ``x``. Returns (steps, seconds,
     converged). q(theta) is not modified."""
@@ -72,13 +72,13 @@ def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch
 
 
 def infer_local(model: BayesianDecoder, family: VariationalFamily, x: torch.Tensor,
-                config: TestInferenceConfig | None = None, generator: torch.Generator | None = None,
+                config: LocalInferenceConfig | None = None, generator: torch.Generator | None = None,
                 warm_start: VariationalFamily | None = None) -> LocalPosterior:
     """q(z) for new images ``x`` (M, D) under any family, with q(theta) frozen.
 
     ``warm_start``: a family for these same images from an earlier call, to continue from.
     """
-    config = config or TestInferenceConfig()
+    config = config or LocalInferenceConfig()
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
