@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -177,15 +178,59 @@ def evaluate(model, family, data: TrainingData, config: RunConfig, generator: to
     return record, test_family
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where and how often ``fit`` saves its complete state (at the end of an epoch, once
+    ``every_epochs`` epochs or ``every_seconds`` seconds have passed since the last save, and at the
+    end). If ``path`` exists when ``fit`` starts, training resumes from it and ends with the same
+    numbers as an uninterrupted run (on the same device)."""
+
+    path: Path
+    every_epochs: int | None = None
+    every_seconds: float = 300.0
+
+
+def _training_state(result, optimisers, generator, batch_generator, train_seconds) -> dict:
+    return {
+        "format": 1,
+        "config": result.config.to_dict(),
+        "model": result.model.state_dict(),
+        "family": result.family.state_dict(),
+        "optimisers": [opt.state_dict() for opt in optimisers],
+        "generator": generator.get_state(),
+        "batch_generator": batch_generator.get_state(),
+        "history": result.history.to_dict(),
+        "steps_done": result.steps_done,
+        "epochs_done": result.epochs_done,
+        "train_seconds": train_seconds,
+        "test_family": None if result.test_family is None else result.test_family.state_dict(),
+        "test_family_rows": getattr(result.test_family, "num_data", None),
+    }
+
+
+def _save_state(path: Path, state: dict) -> None:
+    import io
+
+    from .data.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianDecoder | None = None,
         family: VariationalFamily | None = None,
-        on_eval: Callable[[dict], None] | None = None) -> FitResult:
+        on_eval: Callable[[dict], None] | None = None,
+        on_epoch: Callable[["FitResult"], None] | None = None,
+        checkpoint: Checkpointing | None = None) -> FitResult:
     """Train ``config`` and return its :class:`FitResult`.
 
     ``data`` defaults to the dataset of ``config.data`` through the data layer. ``model`` and ``family``
     replace the freshly initialised ones (e.g. a decoder with known weights and ``train_decoder=False``).
-    Raises :class:`NonFiniteLossError` (carrying the last good state) if the loss or a gradient is not
-    finite.
+    ``on_eval`` receives each evaluation record, ``on_epoch`` the result after each epoch.
+    ``checkpoint`` saves the full training state periodically and resumes from it (see
+    :class:`Checkpointing`). Raises :class:`NonFiniteLossError` (carrying the last good state) if the
+    loss or a gradient is not finite.
     """
     t = config.train
     device = torch.device(t.device)
@@ -206,7 +251,25 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
     result = FitResult(config, model, family, history, machine_description(str(device)),
                        train_indices=data.train_indices)
     x_all = data.train if config.objective.local_terms == "all" else None
-    train_seconds, step = 0.0, 0
+    train_seconds, step, first_epoch = 0.0, 0, 1
+    if checkpoint is not None and Path(checkpoint.path).exists():
+        state = torch.load(checkpoint.path, map_location=device, weights_only=True)
+        if RunConfig.from_dict(state["config"]) != config:
+            raise ValueError(f"{checkpoint.path}: checkpoint belongs to a different config; refusing to resume")
+        model.load_state_dict(state["model"])
+        family.load_state_dict(state["family"])
+        for opt, opt_state in zip(optimisers, state["optimisers"]):
+            opt.load_state_dict(opt_state)
+        generator.set_state(state["generator"])
+        batch_generator.set_state(state["batch_generator"])
+        history = result.history = History.from_dict(state["history"])
+        step, train_seconds = state["steps_done"], state["train_seconds"]
+        result.steps_done, result.epochs_done = state["steps_done"], state["epochs_done"]
+        first_epoch = state["epochs_done"] + 1
+        if state["test_family"] is not None:
+            result.test_family = family.for_new_data(state["test_family_rows"] or 1)
+            result.test_family.load_state_dict(state["test_family"])
+    last_save = time.monotonic()
 
     def do_eval(epoch: int) -> None:
         record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
@@ -215,8 +278,9 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         if on_eval is not None:
             on_eval(record)
 
-    do_eval(0)
-    for epoch in range(1, t.epochs + 1):
+    if first_epoch == 1:
+        do_eval(0)
+    for epoch in range(first_epoch, t.epochs + 1):
         for rows in batch_schedule(n, t.batch_size, t.batches, batch_generator):
             rows = rows.to(device)
             start = time.perf_counter()
@@ -247,4 +311,13 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         result.epochs_done = epoch
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             do_eval(epoch)
+        if checkpoint is not None:
+            due = (checkpoint.every_epochs is not None and epoch % checkpoint.every_epochs == 0) or (
+                time.monotonic() - last_save >= checkpoint.every_seconds) or epoch == t.epochs
+            if due:
+                _save_state(Path(checkpoint.path),
+                            _training_state(result, optimisers, generator, batch_generator, train_seconds))
+                last_save = time.monotonic()
+        if on_epoch is not None:
+            on_epoch(result)
     return result

@@ -7,10 +7,12 @@ import sys
 from typing import Sequence
 
 from .. import __version__
+from ..config import ConfigError
 from ..data.errors import DataError
 from . import data as data_cmd
+from . import run as run_cmd
 
-COMMANDS = (data_cmd,)
+COMMANDS = (data_cmd, run_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except DataError as exc:
+    except (DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

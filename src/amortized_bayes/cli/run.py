@@ -1,0 +1,199 @@
+"""``amortized-bayes run``, ``status`` and ``list``: grids of runs into a results folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run a preset or a grid file into a results folder (resumable)")
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named grid (see `amortized-bayes list`)")
+    src.add_argument("grid_file", nargs="?", help="a grid file (.toml, .json or .yaml)")
+    run.add_argument("--out", type=Path, default=None, help="results folder (default: runs/<grid name>)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="runs in parallel, each in its own process (default: see README)")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads per worker (default: cores // workers)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. train.epochs=5; a comma list makes an axis: family.width=1,64")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    run.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
+                     help="save each run's training state this often (default 120 s)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="log every metric to OUT/tensorboard (needs the 'tensorboard' extra)")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="state of every run of a results folder")
+    status.add_argument("out", type=Path)
+    status.set_defaults(handler=cmd_status)
+
+    lst = sub.add_parser("list", help="the presets and their grids")
+    lst.set_defaults(handler=cmd_list)
+
+
+def load_grid(args):
+    from ..experiments.grid import load_grid_file, parse_overrides
+    from ..experiments.presets import get_preset
+
+    grid = get_preset(args.preset) if args.preset else load_grid_file(args.grid_file)
+    overrides = parse_overrides(args.overrides)
+    return grid.with_overrides(overrides) if overrides else grid
+
+
+def default_workers(n_runs: int) -> int:
+    """Measured on 2 cores (README): independent single-threaded runs beat one run using both cores."""
+    from ..experiments.local import cpu_count
+
+    return max(1, min(cpu_count(), n_runs))
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def cmd_run(args) -> int:
+    from ..experiments.local import default_threads, run_local
+    from ..experiments.store import ResultStore
+
+    try:
+        grid = load_grid(args)
+        configs = grid.expand()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / grid.name
+    store = ResultStore(out)
+    records = [store.plan(c) for c in configs] if not args.dry_run else None
+    if args.dry_run:
+        from ..experiments.grid import run_id
+
+        existing = {r.run_id: r for r in store.records()}
+        print(f"{grid.name}: {len(configs)} runs -> {out}")
+        for c in configs:
+            rid = run_id(c)
+            state = existing[rid].display_state if rid in existing else "new"
+            print(f"  {state:11s} {rid}  ({c.data.n_train} images, {c.train.epochs} epochs)")
+        return 0
+    store.save_grid(grid.to_dict())
+    workers = args.workers or default_workers(sum(r.state != "done" for r in records))
+    threads = args.threads or default_threads(workers)
+    todo = [r for r in records if r.state != "done"]
+    print(f"{grid.name}: {len(records)} runs, {len(records) - len(todo)} already done, {len(todo)} to run "
+          f"with {workers} worker(s) x {threads} thread(s) -> {out}", flush=True)
+    progress = _Progress(len(todo), store)
+    started = time.time()
+    outcomes = run_local(records, store, workers=workers, threads=threads,
+                         checkpoint_seconds=args.checkpoint_every,
+                         tensorboard_dir=str(out / "tensorboard") if args.tensorboard else None,
+                         on_start=progress.start, on_finish=progress.finish)
+    progress.close()
+    store.write_summary_table()
+    print_summary(store, time.time() - started)
+    failed = [o for o in outcomes if o.state == "failed"]
+    return 1 if failed else 0
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm), plain log lines otherwise."""
+
+    def __init__(self, total: int, store):
+        self.total, self.done, self.store = total, 0, store
+        self.bar = None
+        if sys.stderr.isatty() and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+    def start(self, record) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(record.run_id[:40])
+        else:
+            print(f"[{self.done}/{self.total}] start {record.run_id}", flush=True)
+
+    def finish(self, record, outcome) -> None:
+        self.done += 1
+        msg = f"[{self.done}/{self.total}] {outcome.state} {record.run_id} ({_fmt_seconds(outcome.seconds)})"
+        if outcome.error:
+            msg += f": {outcome.error}"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(store, seconds: float | None = None) -> None:
+    import csv
+
+    path = store.root / "summary.csv"
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    if not rows:
+        return
+    head = f"{'run':44s} {'state':11s} {'-ELBO/img':>10s} {'train MSE':>9s} {'test MSE':>9s} {'ms/step':>8s}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        def num(key, fmt):
+            return format(float(r[key]), fmt) if r[key] not in ("", None) else "-"
+        ms = format(1e3 * float(r["seconds_per_step"]), ".1f") if r["seconds_per_step"] else "-"
+        print(f"{r['run_id'][:44]:44s} {r['state']:11s} {num('neg_elbo_per_image', '10.2f')} "
+              f"{num('train_mse', '9.4f')} {num('test_mse', '9.4f')} {ms:>8s}")
+    if seconds is not None:
+        print(f"\n{len(rows)} runs in {store.root}; this invocation took {_fmt_seconds(seconds)}; table: {path}")
+
+
+def cmd_status(args) -> int:
+    from ..experiments.store import ResultStore
+
+    store = ResultStore(args.out)
+    records = store.records()
+    if not records:
+        print(f"error: no runs in {args.out}", file=sys.stderr)
+        return 1
+    counts: dict[str, int] = {}
+    print(f"{'run':48s} {'state':11s} {'epochs':>11s} {'time':>8s} {'left':>8s}")
+    for rec in records:
+        state = rec.display_state
+        counts[state] = counts.get(state, 0) + 1
+        done, total = rec.status.get("epochs_done", 0) or 0, rec.config.train.epochs
+        elapsed = rec.status.get("elapsed_seconds")
+        left = None
+        if state in ("running", "interrupted") and done and elapsed:
+            left = elapsed / done * (total - done)
+        print(f"{rec.run_id[:48]:48s} {state:11s} {f'{done}/{total}':>11s} {_fmt_seconds(elapsed):>8s} "
+              f"{_fmt_seconds(left):>8s}")
+        if state == "failed" and rec.status.get("error"):
+            print(f"{'':48s} error: {rec.status['error']}")
+    print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..experiments.presets import PRESETS
+
+    for grid in PRESETS.values():
+        runs = grid.expand()
+        epochs = sorted({c.train.epochs for c in runs})
+        print(f"{grid.name}: {len(runs)} runs, {', '.join(map(str, epochs))} epochs")
+        print(f"  {grid.description}")
+        for key, values in grid.axes.items():
+            print(f"  axis {key}: {values}")
+        fams = []
+        for v in grid.variants:
+            f = v.get("family", {})
+            fams.append(f.get("name", "?") + (f" k={f['width']}" if "width" in f else ""))
+        if fams:
+            print(f"  families: {', '.join(fams)}")
+    return 0

@@ -1,0 +1,234 @@
+"""Runs and grids (SPEC §6): stable run ids, grid expansion, overrides, grid files.
+
+A grid is a base config (any :class:`~amortized_bayes.config.RunConfig` fields, as nested tables),
+``axes`` (dotted field -> list of values, crossed: every combination), and optional ``variants``
+(a list of override tables, crossed with the axes; handy for "A-VI at these widths, plus F-VI and
+constant-VI"). Expansion validates every run before anything runs and drops duplicates: fields a family
+does not use (an encoder's width for F-VI, say) are reset to their defaults before hashing, so they
+cannot create distinct copies of the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, FamilyConfig, RunConfig
+
+ENCODER_FIELDS = ("width", "depth")
+REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop")
+FREE_FACTOR_FIELDS = ("init_log_scale",)
+
+
+def canonical(config: RunConfig) -> RunConfig:
+    """``config`` with the fields its family ignores reset to their defaults."""
+    raw = config.to_dict()
+    fam, defaults = raw["family"], FamilyConfig().__dict__
+    from ..families import FAMILIES
+
+    cls = FAMILIES[fam["name"]]
+    unused: list[str] = []
+    if not cls.amortized:
+        unused += [*ENCODER_FIELDS, *REFINE_FIELDS]
+    else:
+        unused += list(FREE_FACTOR_FIELDS)
+        if fam["name"] != "semi-amortized":
+            unused += list(REFINE_FIELDS)
+    for name in unused:
+        fam[name] = defaults[name]
+    return RunConfig.from_dict(raw)
+
+
+def _non_default(raw: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            sub = _non_default(value, defaults.get(key, {}))
+            if sub:
+                out[key] = sub
+        elif key not in defaults or value != defaults[key]:
+            out[key] = value
+    return out
+
+
+def run_hash(config: RunConfig) -> str:
+    """SHA-256 (first 10 hex digits) of the canonical config's fields that differ from their defaults,
+    as sorted, compact JSON. Leaving defaults out keeps ids stable when a later version adds a field."""
+    changed = _non_default(canonical(config).to_dict(), RunConfig().to_dict())
+    text = json.dumps(changed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def describe_run(config: RunConfig) -> str:
+    """A short human label: dataset, family (and width/depth), objective if not the default, seed."""
+    c = canonical(config)
+    fam = c.family
+    name = {"amortized": "avi", "semi-amortized": "savi", "factorized": "fvi", "constant": "const"}.get(fam.name, fam.name)
+    if fam.name in ("amortized", "semi-amortized"):
+        name += f"-k{fam.width}" + (f"-L{fam.depth}" if fam.depth != 2 else "")
+    if fam.name == "semi-amortized":
+        name += f"-K{fam.refine_steps}"
+    parts = [c.data.dataset, name]
+    if c.objective.kind != "elbo":
+        parts.append(c.objective.kind)
+    parts.append(f"s{c.train.seed}")
+    return "-".join(parts)
+
+
+def run_id(config: RunConfig) -> str:
+    """The stable id of a run: its label and the hash of its canonical config."""
+    return f"{describe_run(config)}-{run_hash(config)}"
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b]... = value`` for ``dotted`` = "a.b...", refusing unknown fields by name."""
+    keys = dotted.split(".")
+    probe: Any = RunConfig().to_dict()
+    for k in keys:
+        if not isinstance(probe, dict) or k not in probe:
+            raise ConfigError(f"{dotted}: unknown field")
+        probe = probe[k]
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@dataclass
+class Grid:
+    """A named grid: ``base`` (nested dict of RunConfig fields), ``axes`` (dotted field -> values,
+    crossed), ``variants`` (override dicts, crossed with the axes), and a description."""
+
+    name: str
+    base: dict = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)
+    variants: list[dict] = field(default_factory=list)
+    description: str = ""
+    # For the report: the metric and, per dataset, the tolerance of iterations_to_tolerance.
+    tolerance: dict = field(default_factory=lambda: {"metric": "train_mse"})
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Grid":
+        """A copy with ``overrides`` (dotted field -> value, or list of values for an axis) applied.
+        An override replaces the field everywhere: in the base, as an axis, and in the variants."""
+        grid = copy.deepcopy(self)
+        for key, value in overrides.items():
+            set_path({}, key, None)  # refuses unknown fields
+            grid.axes.pop(key, None)
+            for variant in grid.variants:
+                flat = flatten(variant)
+                if key in flat:
+                    variant.clear()
+                    for k, v in flat.items():
+                        if k != key:
+                            set_path(variant, k, v)
+            if isinstance(value, list):
+                grid.axes[key] = value
+            else:
+                set_path(grid.base, key, value)
+        grid.variants = [v for v in grid.variants if v] or []
+        return grid
+
+    def expand(self) -> list[RunConfig]:
+        """Every run of the grid, validated, duplicates removed, in a stable order."""
+        keys = list(self.axes)
+        combos = list(itertools.product(*(self.axes[k] for k in keys))) if keys else [()]
+        variants = self.variants or [{}]
+        runs: dict[str, RunConfig] = {}
+        for variant in variants:
+            for combo in combos:
+                raw = copy.deepcopy(self.base)
+                for k, v in flatten(variant).items():
+                    set_path(raw, k, v)
+                for k, v in zip(keys, combo):
+                    set_path(raw, k, v)
+                try:
+                    config = RunConfig.from_dict(raw)
+                except TypeError as exc:
+                    raise ConfigError(f"grid {self.name}: {exc}") from None
+                runs.setdefault(run_hash(config), config)
+        return list(runs.values())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "base": self.base, "axes": self.axes,
+                "variants": self.variants, "tolerance": self.tolerance}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON (numbers, true/false, null, [lists], "strings"), 'none', or a bare
+    string. A top-level comma makes a list (an axis): ``1,64,128``."""
+    text = text.strip()
+    if "," in text and not text.startswith("["):
+        return [parse_value(part) for part in text.split(",")]
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=5", "family.width=1,64"]`` -> ``{"train.epochs": 5, "family.width": [1, 64]}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.epochs=5)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        set_path({}, key, None)
+        out[key] = parse_value(value)
+    return out
+
+
+def load_grid_file(path: str | Path) -> Grid:
+    """Read a grid from TOML (``.toml``), JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML)."""
+    path = Path(path)
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib
+        raw = tomllib.loads(text)
+    elif suffix == ".json":
+        raw = json.loads(text)
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ConfigError(f"{path}: YAML grid files need PyYAML (pip install pyyaml), or use TOML") from None
+        raw = yaml.safe_load(text)
+    else:
+        raise ConfigError(f"{path}: grid files are .toml, .json or .yaml")
+    unknown = set(raw) - {"name", "description", "base", "axes", "variants", "tolerance"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} "
+                          "(known: name, description, base, axes, variants, tolerance)")
+    axes = raw.get("axes", {})
+    for key, values in axes.items():
+        set_path({}, key, None)
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
+    grid = Grid(name=raw.get("name", path.stem), base=raw.get("base", {}), axes=axes,
+                variants=raw.get("variants", []), description=raw.get("description", ""),
+                tolerance=raw.get("tolerance", {"metric": "train_mse"}))
+    grid.expand()  # validate now, with the file named
+    return grid

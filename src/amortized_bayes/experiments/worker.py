@@ -1,0 +1,120 @@
+"""Execute one run of a results folder: ``python -m amortized_bayes.experiments.worker RUN_DIR``.
+
+The worker sets its torch threads, marks the run running, trains with periodic checkpoints (resuming
+from ``state.pt`` if an earlier attempt was interrupted), writes the run's metrics and model, and marks
+it done, or failed with the error. It is the unit every executor (local processes, Ray) runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def configure_threads(threads: int) -> None:
+    """One setting for every threading layer torch may use in this process."""
+    import torch
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process
+
+
+def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float = 120.0,
+            tensorboard_dir: str | Path | None = None, data=None) -> str:
+    """Train the run in ``run_dir``; return its final state ("done" or "failed"). Never raises for a
+    failure of the run itself: the error is recorded in its status and log."""
+    from ..checkpoint import save_fit
+    from ..config import RunConfig
+    from ..training import Checkpointing, NonFiniteLossError, fit
+    from .store import ResultStore, now, read_json, write_run_outputs
+
+    run_dir = Path(run_dir)
+    store = ResultStore(run_dir.parent.parent)
+    configure_threads(threads)
+    config = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    previous = read_json(run_dir / "status.json", {}) or {}
+    if previous.get("state") == "done":
+        return "done"
+    attempts = int(previous.get("attempts", 0)) + 1
+    started = time.time()
+    store.update_status(run_dir, state="running", pid=os.getpid(), host=socket.gethostname(), started_at=now(),
+                        attempts=attempts, threads=threads, epochs_total=config.train.epochs,
+                        resumed=(run_dir / "state.pt").exists(), error=None)
+    writer = _tensorboard(tensorboard_dir, run_dir.name) if tensorboard_dir else None
+    logged_steps = [0]
+
+    def on_epoch(result) -> None:
+        store.update_status(run_dir, epochs_done=result.epochs_done, steps_done=result.steps_done,
+                            train_seconds=result.history.wall_time[-1] if result.history.wall_time else 0.0,
+                            elapsed_seconds=time.time() - started, updated_at=now())
+        if writer is not None:
+            h = result.history
+            for i in range(logged_steps[0], len(h.step)):
+                writer.add_scalar("train/neg_elbo_estimate", h.neg_elbo[i], h.step[i], walltime=None)
+            logged_steps[0] = len(h.step)
+
+    def on_eval(record: dict) -> None:
+        print(f"[{run_dir.name}] epoch {record['epoch']}: -ELBO {record['neg_elbo']:.6g}, "
+              f"train MSE {record['train_mse']:.5f}"
+              + (f", test MSE {record['test_mse']:.5f}" if "test_mse" in record else ""), flush=True)
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+                    writer.add_scalar(f"eval/{key}", value, record["step"])
+
+    try:
+        result = fit(config, data, on_eval=on_eval, on_epoch=on_epoch,
+                     checkpoint=Checkpointing(run_dir / "state.pt", every_seconds=checkpoint_seconds))
+    except NonFiniteLossError as exc:
+        write_run_outputs(run_dir, exc.result, final=False)
+        store.update_status(run_dir, state="failed", error=str(exc), finished_at=now())
+        print(f"[{run_dir.name}] failed: {exc}", file=sys.stderr, flush=True)
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - any error of the run is recorded, the grid goes on
+        traceback.print_exc()
+        store.update_status(run_dir, state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=now())
+        return "failed"
+    finally:
+        if writer is not None:
+            writer.close()
+    write_run_outputs(run_dir, result, final=True)
+    save_fit(result, run_dir / "model.pt")
+    store.update_status(run_dir, state="done", finished_at=now(), epochs_done=result.epochs_done,
+                        steps_done=result.steps_done, elapsed_seconds=time.time() - started,
+                        train_seconds=result.history.wall_time[-1] if result.history.wall_time else 0.0)
+    (run_dir / "state.pt").unlink(missing_ok=True)  # model.pt holds the result; the state is no longer needed
+    return "done"
+
+
+def _tensorboard(root, name):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise RuntimeError("TensorBoard logging needs the 'tensorboard' extra: pip install 'amortized-bayes[tensorboard]'") from exc
+    return SummaryWriter(log_dir=str(Path(root) / name))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run one experiment of a results folder.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-seconds", type=float, default=120.0)
+    parser.add_argument("--tensorboard", default=None)
+    args = parser.parse_args(argv)
+    state = execute(args.run_dir, threads=args.threads, checkpoint_seconds=args.checkpoint_seconds,
+                    tensorboard_dir=args.tensorboard)
+    return 0 if state == "done" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""Grids, run ids, the result store, resume after SIGKILL, parallel = sequential, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amortized_bayes.cli import main as cli_main
+from amortized_bayes.config import ConfigError, DataConfig, FamilyConfig, RunConfig, TrainConfig
+from amortized_bayes.experiments.grid import Grid, load_grid_file, parse_overrides, run_hash, run_id
+from amortized_bayes.experiments.presets import PRESETS
+from amortized_bayes.experiments.store import ResultStore, read_evals, read_json, read_steps
+
+TINY = """
+name = "tiny"
+[base.data]
+n_train = 200
+n_test = 50
+[base.model]
+latent_dim = 8
+hidden = 32
+[base.train]
+epochs = {epochs}
+batch_size = 50
+eval_every = 2
+[axes]
+"family.name" = ["amortized", "factorized"]
+"family.width" = [1, 16]
+"""
+
+
+@pytest.fixture
+def tiny_grid(tmp_path):
+    def make(epochs=3):
+        path = tmp_path / f"tiny{epochs}.toml"
+        path.write_text(TINY.format(epochs=epochs))
+        return path
+    return make
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "amortized_bayes", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_run_id_is_stable_and_ignores_fields_the_family_does_not_use():
+    base = RunConfig(family=FamilyConfig(name="factorized"))
+    same = RunConfig(family=FamilyConfig(name="factorized", width=256, depth=5, refine_steps=9))
+    assert run_id(base) == run_id(same)
+    # Pinned values: ids must not drift between versions (results folders are keyed by them). Only
+    # fields that differ from their defaults are hashed, so adding a field keeps these ids.
+    assert run_id(RunConfig()) == "mnist-avi-k64-s0-44136fa355"
+    assert run_id(RunConfig(family=FamilyConfig(name="factorized"), data=DataConfig(dataset="fashion-mnist"),
+                            train=TrainConfig(seed=3))) == "fashion-mnist-fvi-s3-5436523d2d"
+    assert run_hash(RunConfig()) == run_hash(RunConfig.from_dict(json.loads(json.dumps(RunConfig().to_dict()))))
+    assert run_id(RunConfig(family=FamilyConfig(width=128))) != run_id(RunConfig())
+    assert run_id(RunConfig(train=TrainConfig(seed=1))) != run_id(RunConfig())
+
+
+def test_run_hash_is_the_same_in_a_fresh_interpreter():
+    code = ("from amortized_bayes.config import RunConfig, TrainConfig; from amortized_bayes.experiments.grid "
+            "import run_hash; print(run_hash(RunConfig(train=TrainConfig(lr=0.01))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == run_hash(RunConfig(train=TrainConfig(lr=0.01)))
+
+
+def test_grid_expands_crosses_and_dedupes(tiny_grid):
+    grid = load_grid_file(tiny_grid())
+    runs = grid.expand()
+    # amortized x {1, 16} + factorized (width irrelevant: one run, not two)
+    assert sorted(run_id(r).split("-s0-")[0] for r in runs) == ["mnist-avi-k1", "mnist-avi-k16", "mnist-fvi"]
+    g2 = grid.with_overrides(parse_overrides(["train.seed=0,1", "train.epochs=7"]))
+    runs2 = g2.expand()
+    assert len(runs2) == 6 and {r.train.epochs for r in runs2} == {7}
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["family.width=0"], "family.width"),
+    (["train.epochz=3"], "train.epochz"),
+    (["data.n_train=70000"], "data.n_train"),
+    (["data.dataset=cifar10"], "data.dataset"),
+    (["family.name=amortised"], "family.name"),
+    (["train.batch_size=500"], "train.batch_size"),
+    (["noequals"], "KEY=VALUE"),
+])
+def test_invalid_configs_refused_before_anything_runs(tiny_grid, tmp_path, overrides, field):
+    grid = load_grid_file(tiny_grid())
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        grid.with_overrides(parse_overrides(overrides)).expand()
+    out = tmp_path / "out"
+    args = ["run", str(tiny_grid()), "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    proc = cli(*args, check=False)
+    assert proc.returncode == 2 and field in proc.stderr
+    assert not out.exists()  # nothing ran, nothing written
+
+
+def test_every_preset_expands_to_valid_runs():
+    for grid in PRESETS.values():
+        runs = grid.expand()
+        assert runs and len({run_id(r) for r in runs}) == len(runs)
+    paper = PRESETS["paper"].expand()
+    assert len(paper) == 2 * 6 * 10
+    c = paper[0]
+    assert (c.data.n_train, c.train.batch_size, c.train.batches, c.objective.local_terms, c.train.epochs) == \
+        (10_000, 1000, "fixed", "all", 5000)
+    assert {r.objective.kind for r in PRESETS["replicate-2024"].expand()} == {"legacy-2024"}
+
+
+def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_path):
+    out = tmp_path / "out"
+    proc = cli("run", tiny_grid(), "--out", out, "--workers", "1")
+    assert "3 to run" in proc.stdout and "mnist-fvi" in proc.stdout
+    store = ResultStore(out)
+    records = store.records()
+    assert len(records) == 3 and all(r.state == "done" for r in records)
+    for r in records:
+        steps = read_steps(r.path)
+        assert steps["step"] == list(range(1, 13))  # 3 epochs x 4 batches
+        evals = read_evals(r.path)
+        assert [e["epoch"] for e in evals] == [0, 2, 3] and all("test_mse" in e for e in evals)
+        assert (r.path / "model.pt").exists() and not (r.path / "state.pt").exists()
+        summary = read_json(r.path / "summary.json")
+        assert summary["final"]["neg_elbo"] == evals[-1]["neg_elbo"] and summary["meta"]["torch"]
+    table = (out / "summary.csv").read_text().splitlines()
+    assert len(table) == 4 and table[0].startswith("run_id,state")
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("summary.csv", "grid.json")}
+    again = cli("run", tiny_grid(), "--out", out)
+    assert "3 already done, 0 to run" in again.stdout
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+    status = cli("status", out)
+    assert "3 done" in status.stdout
+
+
+def test_parallel_workers_give_the_same_numbers_as_sequential(tiny_grid, tmp_path):
+    grid = tiny_grid()
+    cli("run", grid, "--out", tmp_path / "seq", "--workers", "1", "--threads", "1")
+    cli("run", grid, "--out", tmp_path / "par", "--workers", "2", "--threads", "1")
+    seq, par = ResultStore(tmp_path / "seq").records(), ResultStore(tmp_path / "par").records()
+    assert [r.run_id for r in seq] == [r.run_id for r in par]
+    for a, b in zip(seq, par):
+        assert read_steps(a.path)["neg_elbo"] == read_steps(b.path)["neg_elbo"]
+        assert [e["neg_elbo"] for e in read_evals(a.path)] == [e["neg_elbo"] for e in read_evals(b.path)]
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def test_worker_killed_mid_run_resumes_to_the_uninterrupted_numbers(tiny_grid, tmp_path):
+    grid = tiny_grid(epochs=12)
+    single = ["--set", "family.name=factorized", "--set", "family.width=1"]
+    cli("run", grid, "--out", tmp_path / "whole", *single)
+    out = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
+                               "--checkpoint-every", "0", *single],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def running_worker():
+        for status in out.glob("runs/*/status.json"):
+            s = read_json(status, {}) or {}
+            if s.get("state") == "running" and (s.get("epochs_done") or 0) >= 3 and (status.parent / "state.pt").exists():
+                return s
+        return None
+
+    status = _wait_for(running_worker)
+    os.kill(status["pid"], signal.SIGKILL)
+    stdout, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 1 and "killed by signal 9" in stdout
+    rec = ResultStore(out).records()[0]
+    assert rec.state == "failed" and (rec.path / "state.pt").exists()
+    assert "interrupted" in cli("status", out).stdout or "failed" in cli("status", out).stdout
+    cli("run", grid, "--out", out, *single)  # resumes from the checkpoint
+    rec = ResultStore(out).records()[0]
+    assert rec.state == "done" and rec.status["attempts"] == 2 and rec.status["resumed"]
+    whole = ResultStore(tmp_path / "whole").records()[0]
+    assert read_steps(rec.path)["neg_elbo"] == read_steps(whole.path)["neg_elbo"]
+    assert read_evals(rec.path)[-1]["neg_elbo"] == read_evals(whole.path)[-1]["neg_elbo"]
+    assert read_evals(rec.path)[-1]["test_mse"] == read_evals(whole.path)[-1]["test_mse"]
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_grid, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    grid = load_grid_file(tiny_grid())
+    store = ResultStore(out)
+    records = [store.plan(c) for c in grid.expand()]
+    # Make one run fail at run time (a GPU this machine lacks): the worker fails, the others finish.
+    bad = records[0]
+    raw = read_json(bad.path / "config.json")
+    raw["train"]["device"] = "cuda:7"
+    (bad.path / "config.json").write_text(json.dumps(raw))
+    from amortized_bayes.experiments.local import run_local
+
+    outcomes = run_local(records, store, workers=1, threads=1)
+    states = {o.run_id: o.state for o in outcomes}
+    assert states[bad.run_id] == "failed" and sum(s == "done" for s in states.values()) == 2
+    assert "Error" in read_json(bad.path / "status.json")["error"]
+    assert "Traceback" in (bad.path / "log.txt").read_text()
+    assert "failed" in (out / "summary.csv").read_text()
+
+
+def test_tensorboard_logging(tiny_grid, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "out"
+    cli("run", tiny_grid(), "--out", out, "--tensorboard", "--set", "family.name=amortized",
+        "--set", "family.width=1")
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/neg_elbo_estimate", "eval/neg_elbo", "eval/train_mse", "eval/test_mse"} <= tags
+    assert len(acc.Scalars("train/neg_elbo_estimate")) == 12
+
+
+def test_dry_run_lists_without_running(tiny_grid, tmp_path):
+    proc = cli("run", tiny_grid(), "--out", tmp_path / "out", "--dry-run")
+    assert proc.stdout.count(" new ") == 3 and not (tmp_path / "out").exists()
