@@ -235,3 +235,32 @@ def test_tensorboard_logging(tiny_grid, tmp_path):
 def test_dry_run_lists_without_running(tiny_grid, tmp_path):
     proc = cli("run", tiny_grid(), "--out", tmp_path / "out", "--dry-run")
     assert proc.stdout.count(" new ") == 3 and not (tmp_path / "out").exists()
+
+
+def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_numbers(tiny_grid, tmp_path):
+    """SIGKILL the whole driver (not a worker) twice at random moments; its orphaned workers stop by
+    themselves, no run is started twice, and the final numbers equal an uninterrupted grid's."""
+    import random
+
+    grid = tiny_grid(epochs=10)
+    cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1")
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    for _ in range(2):
+        driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
+                                   "--workers", "2", "--threads", "1", "--checkpoint-every", "0"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(lambda: any((read_json(p, {}) or {}).get("epochs_done") for p in out.glob("runs/*/status.json")))
+        time.sleep(rng.uniform(0.0, 1.5))
+        driver.kill()
+        driver.wait(30)
+        # Orphaned workers notice at their next epoch boundary and stop.
+        _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
+    cli("run", grid, "--out", out, "--workers", "2", "--threads", "1")
+    killed, whole = ResultStore(out).records(), ResultStore(tmp_path / "whole").records()
+    assert [r.run_id for r in killed] == [r.run_id for r in whole]
+    assert any(r.status["attempts"] >= 2 for r in killed)  # the kills did interrupt runs
+    for a, b in zip(killed, whole):
+        assert a.state == "done"
+        assert read_steps(a.path)["neg_elbo"] == read_steps(b.path)["neg_elbo"]
+        assert [e["neg_elbo"] for e in read_evals(a.path)] == [e["neg_elbo"] for e in read_evals(b.path)]

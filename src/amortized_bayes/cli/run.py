@@ -86,7 +86,11 @@ def cmd_run(args) -> int:
     store.save_grid(grid.to_dict())
     workers = args.workers or default_workers(sum(r.state != "done" for r in records))
     threads = args.threads or default_threads(workers)
-    todo = [r for r in records if r.state != "done"]
+    todo = [r for r in records if r.state != "done" and not r.alive]
+    for r in records:
+        if r.alive:
+            print(f"note: {r.run_id} is being run by a live worker (pid {r.status.get('pid')}); not starting it "
+                  "again", flush=True)
     print(f"{grid.name}: {len(records)} runs, {len(records) - len(todo)} already done, {len(todo)} to run "
           f"with {workers} worker(s) x {threads} thread(s) -> {out}", flush=True)
     progress = _Progress(len(todo), store)
@@ -98,8 +102,8 @@ def cmd_run(args) -> int:
     progress.close()
     store.write_summary_table()
     print_summary(store, time.time() - started)
-    failed = [o for o in outcomes if o.state == "failed"]
-    return 1 if failed else 0
+    unfinished = [o for o in outcomes if o.state in ("failed", "busy")]
+    return 1 if unfinished else 0
 
 
 class _Progress:

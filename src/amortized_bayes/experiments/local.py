@@ -44,7 +44,8 @@ def run_worker_process(record: RunRecord, store: ResultStore, *, threads: int, c
                        tensorboard_dir: str | None) -> Outcome:
     """Run one record in a fresh Python process; its output goes to the run's log.txt."""
     cmd = [sys.executable, "-m", "amortized_bayes.experiments.worker", str(record.path),
-           "--threads", str(threads), "--checkpoint-seconds", str(checkpoint_seconds)]
+           "--threads", str(threads), "--checkpoint-seconds", str(checkpoint_seconds),
+           "--parent-pid", str(os.getpid())]
     if tensorboard_dir:
         cmd += ["--tensorboard", str(tensorboard_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -71,8 +72,13 @@ def run_local(records: list[RunRecord], store: ResultStore, *, workers: int = 1,
               on_finish: Callable[[RunRecord, Outcome], None] | None = None) -> list[Outcome]:
     """Run every record not yet done, ``workers`` processes at a time."""
     threads = threads or default_threads(workers)
-    todo = [r for r in records if r.state != "done"]
+    # A run whose worker is still alive (say, left by a driver that was killed and has not yet
+    # reached its next epoch boundary) is never started twice.
+    busy = {r.run_id for r in records if r.alive}
+    todo = [r for r in records if r.state != "done" and r.run_id not in busy]
     outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]
+    outcomes += [Outcome(r.run_id, "busy", 0.0, "a live worker is already running it") for r in records
+                 if r.run_id in busy]
     lock = threading.Lock()
 
     def one(record: RunRecord) -> Outcome:

@@ -29,10 +29,19 @@ def configure_threads(threads: int) -> None:
         pass  # already set in this process
 
 
+class DriverGone(Exception):
+    """The process that launched this worker died; stop rather than run on unsupervised."""
+
+
 def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float = 120.0,
-            tensorboard_dir: str | Path | None = None, data=None) -> str:
+            tensorboard_dir: str | Path | None = None, data=None, parent_pid: int | None = None) -> str:
     """Train the run in ``run_dir``; return its final state ("done" or "failed"). Never raises for a
-    failure of the run itself: the error is recorded in its status and log."""
+    failure of the run itself: the error is recorded in its status and log.
+
+    ``parent_pid``: the driver's pid. If the driver dies (killed with the grid), the worker stops at
+    the next epoch boundary, so that no orphan keeps writing into the folder; a rerun resumes the run
+    from its last checkpoint.
+    """
     from ..checkpoint import save_fit
     from ..config import RunConfig
     from ..training import Checkpointing, NonFiniteLossError, fit
@@ -54,6 +63,8 @@ def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float 
     logged_steps = [0]
 
     def on_epoch(result) -> None:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            raise DriverGone(f"the driver (pid {parent_pid}) died at epoch {result.epochs_done}")
         store.update_status(run_dir, epochs_done=result.epochs_done, steps_done=result.steps_done,
                             train_seconds=result.history.wall_time[-1] if result.history.wall_time else 0.0,
                             elapsed_seconds=time.time() - started, updated_at=now())
@@ -75,6 +86,10 @@ def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float 
     try:
         result = fit(config, data, on_eval=on_eval, on_epoch=on_epoch,
                      checkpoint=Checkpointing(run_dir / "state.pt", every_seconds=checkpoint_seconds))
+    except DriverGone as exc:
+        store.update_status(run_dir, state="failed", error=f"{exc}; rerun to resume", finished_at=now())
+        print(f"[{run_dir.name}] stopped: {exc}", file=sys.stderr, flush=True)
+        return "failed"
     except NonFiniteLossError as exc:
         write_run_outputs(run_dir, exc.result, final=False)
         store.update_status(run_dir, state="failed", error=str(exc), finished_at=now())
@@ -110,9 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint-seconds", type=float, default=120.0)
     parser.add_argument("--tensorboard", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="stop when this process (the driver) is gone")
     args = parser.parse_args(argv)
     state = execute(args.run_dir, threads=args.threads, checkpoint_seconds=args.checkpoint_seconds,
-                    tensorboard_dir=args.tensorboard)
+                    tensorboard_dir=args.tensorboard, parent_pid=args.parent_pid)
     return 0 if state == "done" else 1
 
 
