@@ -71,7 +71,8 @@ def collapse_diagnostics(mu: torch.Tensor, log_sigma: torch.Tensor) -> dict[str,
 
 
 def legacy_objective_value(model, family, x, num_data, num_samples, generator) -> float:
-    """The legacy-2024 objective on the full data (labelled: not an ELBO), ``all`` local terms."""
+    """The legacy-2024 objective on the full data in one batch (labelled: not an ELBO). With every image
+    in the batch the ``batch`` and ``all`` local-term schemes coincide."""
     from .objectives import objective_terms
 
     config = ObjectiveConfig(kind="legacy-2024", estimator="mc", local_terms="batch", num_samples=num_samples)
