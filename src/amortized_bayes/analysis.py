@@ -1,0 +1,247 @@
+"""From stored results to the numbers a reader needs (SPEC §4, §7): tolerance crossings, seed
+aggregates, bootstrap confidence intervals, A-VI vs F-VI ratios and plain-language verdicts.
+
+Everything here reads the result store and computes; nothing trains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .experiments.store import ResultStore, read_evals, read_json, read_steps
+
+BOOTSTRAP_RESAMPLES = 2000
+ELBO_MARGIN = 0.01  # "reaches F-VI's ELBO": -ELBO within 1% of F-VI's
+MSE_MARGIN = 0.10   # "reaches F-VI's MSE": train MSE within 10% of F-VI's
+
+
+def iterations_to_tolerance(evals: list[dict], metric: str, tol: float) -> dict | None:
+    """The first evaluation at which ``metric`` <= ``tol``: its epoch, step and training seconds.
+    None when it is never reached."""
+    for e in evals:
+        value = e.get(metric)
+        if value is not None and value <= tol:
+            return {"epoch": e["epoch"], "step": e["step"], "seconds": e["wall_time"]}
+    return None
+
+
+def method_label(config) -> str:
+    """The curve a run belongs to: family and width (and objective when not the ELBO)."""
+    f = config.family
+    if f.name == "amortized":
+        label = f"A-VI k={f.width}" + (f" L={f.depth}" if f.depth != 2 else "")
+    elif f.name == "semi-amortized":
+        label = f"SA-VI k={f.width} K={f.refine_steps}"
+    elif f.name == "factorized":
+        label = "F-VI"
+    elif f.name == "constant":
+        label = "constant-VI"
+    else:
+        label = f.name
+    if config.objective.kind != "elbo":
+        label += f" ({config.objective.kind})"
+    return label
+
+
+def method_order(label: str) -> tuple:
+    for rank, prefix in enumerate(("A-VI", "SA-VI", "F-VI", "constant-VI")):
+        if label.startswith(prefix):
+            digits = "".join(ch for ch in label.split("k=")[-1].split()[0] if ch.isdigit()) if "k=" in label else "0"
+            return (rank, int(digits or 0), label)
+    return (9, 0, label)
+
+
+@dataclass
+class RunData:
+    run_id: str
+    path: Path
+    config: object
+    seed: int
+    steps: dict
+    evals: list[dict]
+    summary: dict
+
+    @property
+    def n(self) -> int:
+        return self.config.data.n_train or 60_000
+
+
+@dataclass
+class Results:
+    """All finished runs of a folder, grouped by dataset and method."""
+
+    root: Path
+    grid: dict
+    groups: dict[str, dict[str, list[RunData]]] = field(default_factory=dict)
+    unfinished: list[str] = field(default_factory=list)
+
+    def tolerance(self, dataset: str) -> tuple[str, float | None]:
+        tol = self.grid.get("tolerance", {}) or {}
+        return tol.get("metric", "train_mse"), tol.get(dataset)
+
+
+def load_results(root: str | Path) -> Results:
+    store = ResultStore(root)
+    results = Results(Path(root), read_json(Path(root) / "grid.json", {}) or {})
+    for rec in store.records():
+        if rec.state != "done":
+            results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
+            continue
+        run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
+                      read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {})
+        by_method = results.groups.setdefault(rec.config.data.dataset, {})
+        by_method.setdefault(method_label(rec.config), []).append(run)
+    for by_method in results.groups.values():
+        for runs in by_method.values():
+            runs.sort(key=lambda r: r.seed)
+    return results
+
+
+def bootstrap_ci(samples: list[float], statistic=np.median, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over the samples (seeds)."""
+    x = np.asarray(samples, dtype=float)
+    if len(x) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    stats = [statistic(rng.choice(x, size=len(x), replace=True)) for _ in range(BOOTSTRAP_RESAMPLES)]
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_ratio_ci(num: list[float], den: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of median(num) / median(den), seeds resampled within each group."""
+    a, b = np.asarray(num, float), np.asarray(den, float)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        ma = np.median(rng.choice(a, size=len(a), replace=True))
+        mb = np.median(rng.choice(b, size=len(b), replace=True))
+        ratios.append(ma / mb if mb else math.inf)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def method_summary(runs: list[RunData], metric: str, tol: float | None) -> dict:
+    """Per-seed final values and their medians for one method."""
+    per_seed = []
+    for r in runs:
+        final = r.evals[-1] if r.evals else {}
+        crossing = iterations_to_tolerance(r.evals, metric, tol) if tol is not None else None
+        per_seed.append({
+            "seed": r.seed,
+            "neg_elbo_per_image": final.get("neg_elbo", math.nan) / r.n,
+            "train_mse": final.get("train_mse", math.nan),
+            "test_mse": final.get("test_mse", math.nan),
+            "seconds_per_step": r.summary.get("seconds_per_step") or math.nan,
+            "epochs_to_tol": crossing["epoch"] if crossing else None,
+            "seconds_to_tol": crossing["seconds"] if crossing else None,
+            "test_inference_seconds": final.get("test_inference_seconds", math.nan),
+        })
+    out = {"seeds": len(runs), "per_seed": per_seed}
+    for key in ("neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step", "test_inference_seconds"):
+        out[key] = float(np.median([s[key] for s in per_seed]))
+    for key in ("epochs_to_tol", "seconds_to_tol"):
+        reached = [s[key] for s in per_seed if s[key] is not None]
+        out[f"{key}_reached"] = len(reached)
+        # The median over all seeds, counting a seed that never reached it as infinitely late.
+        values = sorted(reached) + [math.inf] * (len(per_seed) - len(reached))
+        out[key] = float(np.median(values)) if values else math.nan
+    return out
+
+
+def dataset_table(results: Results, dataset: str) -> dict:
+    """The summary table of one dataset: per method, medians over seeds; A-VI vs F-VI ratios with
+    bootstrap CIs; and the verdicts."""
+    metric, tol = results.tolerance(dataset)
+    by_method = results.groups.get(dataset, {})
+    rows = {label: method_summary(runs, metric, tol) for label, runs in
+            sorted(by_method.items(), key=lambda kv: method_order(kv[0]))}
+    comparisons = {}
+    fvi = rows.get("F-VI")
+    if fvi is not None:
+        f = fvi["per_seed"]
+        for label, row in rows.items():
+            if not label.startswith("A-VI"):
+                continue
+            a = row["per_seed"]
+            cmp = {
+                "elbo_ratio": row["neg_elbo_per_image"] / fvi["neg_elbo_per_image"],
+                "elbo_ratio_ci": bootstrap_ratio_ci([s["neg_elbo_per_image"] for s in a],
+                                                    [s["neg_elbo_per_image"] for s in f]),
+                "mse_ratio": row["train_mse"] / fvi["train_mse"],
+                "mse_ratio_ci": bootstrap_ratio_ci([s["train_mse"] for s in a], [s["train_mse"] for s in f]),
+                "step_time_ratio": row["seconds_per_step"] / fvi["seconds_per_step"],
+            }
+            sa = [s["seconds_to_tol"] for s in a]
+            sf = [s["seconds_to_tol"] for s in f]
+            if tol is not None and all(v is not None for v in sa) and all(v is not None for v in sf):
+                cmp["speedup"] = float(np.median(sf) / np.median(sa))
+                cmp["speedup_ci"] = bootstrap_ratio_ci(sf, sa)
+            elif tol is not None and all(v is not None for v in sa):
+                cmp["speedup"] = math.inf  # A-VI reached the tolerance, F-VI did not (in every seed)
+            elif tol is not None:
+                cmp["speedup"] = None  # A-VI did not reach it in every seed
+            comparisons[label] = cmp
+    return {"dataset": dataset, "metric": metric, "tolerance": tol, "rows": rows, "comparisons": comparisons,
+            "verdicts": verdicts(rows, comparisons, metric, tol)}
+
+
+def _width(label: str) -> int:
+    try:
+        return int(label.split("k=")[1].split()[0])
+    except (IndexError, ValueError):
+        return 0
+
+
+def verdicts(rows: dict, comparisons: dict, metric: str, tol) -> list[dict]:
+    """One plain-language verdict per claim of the original study, computed from the table."""
+    out = []
+    wide = {k: v for k, v in comparisons.items() if _width(k) >= 64}
+    if "F-VI" not in rows or not wide:
+        out.append({"claim": "A-VI with k >= 64 reaches F-VI's ELBO and MSE", "verdict": "not testable",
+                    "why": "the grid needs F-VI and A-VI with k >= 64"})
+        out.append({"claim": "A-VI is 2-3x faster than F-VI", "verdict": "not testable",
+                    "why": "the grid needs F-VI and A-VI with k >= 64"})
+        return out
+    parts, ok = [], []
+    for label, c in wide.items():
+        elbo_ok = c["elbo_ratio_ci"][0] <= 1 + ELBO_MARGIN
+        mse_ok = c["mse_ratio"] <= 1 + MSE_MARGIN
+        ok.append(elbo_ok and mse_ok)
+        parts.append(f"{label}: -ELBO {c['elbo_ratio']:.3f}x F-VI's (95% CI {c['elbo_ratio_ci'][0]:.3f}-"
+                     f"{c['elbo_ratio_ci'][1]:.3f}), train MSE {c['mse_ratio']:.2f}x")
+    verdict = "supported" if all(ok) else ("partly supported" if any(ok) else "not supported")
+    out.append({"claim": "A-VI with k >= 64 reaches F-VI's ELBO and MSE", "verdict": verdict,
+                "why": "; ".join(parts) + f". 'Reaches' means -ELBO within {ELBO_MARGIN:.0%} of F-VI's (CI lower "
+                       f"bound) and train MSE within {MSE_MARGIN:.0%}."})
+    if tol is None:
+        out.append({"claim": "A-VI is 2-3x faster than F-VI", "verdict": "not testable",
+                    "why": "the grid states no tolerance for this dataset"})
+        return out
+    parts, speeds = [], []
+    for label, c in wide.items():
+        s = c.get("speedup")
+        speeds.append(s)
+        if s is None:
+            parts.append(f"{label} did not reach {metric} <= {tol} in every seed")
+        elif s == math.inf:
+            parts.append(f"{label} reached {metric} <= {tol}; F-VI did not in every seed")
+        else:
+            lo, hi = c["speedup_ci"]
+            parts.append(f"{label} reached {metric} <= {tol} in {s:.2f}x less training time than F-VI "
+                         f"(95% CI {lo:.2f}-{hi:.2f})")
+    finite_lows = [wide[k]["speedup_ci"][0] for k, s in zip(wide, speeds) if s not in (None, math.inf)]
+    if any(s is None for s in speeds):
+        verdict = "not supported"
+    elif all(s == math.inf for s in speeds) or (finite_lows and min(finite_lows) >= 2):
+        verdict = "supported"
+    elif all(s == math.inf or s > 1 for s in speeds):
+        verdict = "partly supported (faster, but not 2-3x)"
+    else:
+        verdict = "not supported"
+    out.append({"claim": "A-VI is 2-3x faster than F-VI", "verdict": verdict, "why": "; ".join(parts) + "."})
+    return out

@@ -1,0 +1,169 @@
+"""Figures of SPEC §7 from stored results (no retraining). Each figure is saved as PNG and SVG.
+
+Seeds are aggregated as the median with a band (min to max over seeds), and each seed's own line is
+drawn faintly when there are at most five. One colour per method across every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; set before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from .analysis import Results, method_order  # noqa: E402
+
+FEW_SEEDS = 5
+PALETTE = plt.get_cmap("tab10").colors
+
+
+def colours(results: Results) -> dict[str, tuple]:
+    labels = sorted({m for g in results.groups.values() for m in g}, key=method_order)
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg"):
+        path = out / f"{name}.{ext}"
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _band(ax, x, ys, colour, label, per_seed: bool):
+    ys = np.asarray(ys, dtype=float)
+    ax.plot(x, np.median(ys, axis=0), color=colour, label=label, lw=1.8)
+    if ys.shape[0] > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=colour, alpha=0.18, lw=0)
+        if per_seed and ys.shape[0] <= FEW_SEEDS:
+            for y in ys:
+                ax.plot(x, y, color=colour, lw=0.5, alpha=0.45)
+
+
+def _thin(n: int, limit: int = 2000) -> np.ndarray:
+    """Indices of at most ``limit`` points, log-spaced so the early steps keep their detail."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.geomspace(1, n, limit).astype(int) - 1)
+
+
+def elbo_curves(results: Results, dataset: str, out: Path) -> list[Path]:
+    """-ELBO per image (per-step minibatch estimate) against steps and against training seconds."""
+    col = colours(results)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    positive = True
+    for label, runs in sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0])):
+        length = min(len(r.steps["step"]) for r in runs)
+        if length == 0:
+            continue
+        idx = _thin(length)
+        ys = [np.asarray(r.steps["neg_elbo"][:length])[idx] / r.n for r in runs]
+        positive &= bool(np.all(np.asarray(ys) > 0))
+        steps = np.asarray(runs[0].steps["step"][:length])[idx]
+        times = np.median([np.asarray(r.steps["wall_time"][:length])[idx] for r in runs], axis=0)
+        _band(a1, steps, ys, col[label], label, True)
+        _band(a2, times, ys, col[label], label, True)
+    for ax, xlabel in ((a1, "training step"), (a2, "training wall time (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log" if positive else "symlog")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("-ELBO per image (nats)")
+        ax.grid(alpha=0.3, which="both")
+    a1.set_title(f"{dataset}: -ELBO against steps")
+    a2.set_title(f"{dataset}: -ELBO against wall time")
+    a2.legend(fontsize=8, frameon=False)
+    return _save(fig, out, f"{dataset}-elbo")
+
+
+def mse_curves(results: Results, dataset: str, out: Path) -> list[Path]:
+    """Train and test reconstruction MSE against epochs (evaluation points)."""
+    col = colours(results)
+    metric, tol = results.tolerance(dataset)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
+    for key, ax in zip(("train_mse", "test_mse"), axes):
+        for label, runs in sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0])):
+            length = min(len(r.evals) for r in runs)
+            if length == 0 or any(key not in e for r in runs for e in r.evals[:length]):
+                continue
+            epochs = [e["epoch"] for e in runs[0].evals[:length]]
+            _band(ax, epochs, [[e[key] for e in r.evals[:length]] for r in runs], col[label], label, True)
+        if tol is not None and key == metric:
+            ax.axhline(tol, color="black", ls="--", lw=0.8, label=f"tolerance {tol}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("reconstruction MSE (per pixel, pixels in [0, 1])")
+        ax.set_title(f"{dataset}: {'train' if key == 'train_mse' else 'test'} MSE")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, frameon=False)
+    return _save(fig, out, f"{dataset}-mse")
+
+
+def tolerance_boxes(results: Results, dataset: str, out: Path, table: dict) -> list[Path]:
+    """Epochs and seconds to tolerance per method; seeds that never reach it are shown as such."""
+    col = colours(results)
+    labels = list(table["rows"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    for key, ax, unit in (("epochs_to_tol", axes[0], "epochs"), ("seconds_to_tol", axes[1], "training seconds")):
+        reached = [[s[key] for s in table["rows"][m]["per_seed"] if s[key] is not None] for m in labels]
+        finite = [v for vals in reached for v in vals]
+        top = max(finite) * 1.15 if finite else 1.0
+        for i, (m, vals) in enumerate(zip(labels, reached)):
+            if vals:
+                ax.boxplot([vals], positions=[i], widths=0.5, patch_artist=True,
+                           boxprops={"facecolor": col[m], "alpha": 0.5}, medianprops={"color": "black"})
+                ax.scatter([i] * len(vals), vals, color=col[m], s=12, zorder=3)
+            never = table["rows"][m]["seeds"] - len(vals)
+            if never:
+                ax.scatter([i], [top], marker="x", color=col[m], s=40, zorder=3)
+                ax.annotate(f"never\n({never}/{table['rows'][m]['seeds']})", (i, top), ha="center", va="bottom",
+                            fontsize=7, xytext=(0, 4), textcoords="offset points")
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, top * 1.25)
+        ax.set_ylabel(f"{unit} to {table['metric']} <= {table['tolerance']}")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{dataset}: time to tolerance")
+    return _save(fig, out, f"{dataset}-tolerance")
+
+
+def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -> list[Path]:
+    """Originals, then one row per method (its first seed's fitted model), train and test images."""
+    from .checkpoint import load_fit
+    from .data import load_split
+
+    methods = sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0]))
+    first = methods[0][1][0].config.data
+    # The first images of the run's own training subset: rows 0..count-1 of its F-VI factors.
+    train = load_split(dataset, "train", n=first.n_train, subset=first.subset, seed=first.subset_seed,
+                       binarize=first.binarize, binarize_seed=first.binarize_seed).images[:count]
+    test = load_split(dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1).images
+    rows = [("original", train, test)]
+    for label, runs in methods:
+        fitted = load_fit(runs[0].path / "model.pt")
+        with torch.no_grad():
+            mu_train = fitted.family.local_params(train, torch.arange(count), None)[0] \
+                if not fitted.family.amortized else fitted.infer(train).mu
+        mu_test = fitted.infer(test, torch.Generator().manual_seed(0)).mu
+        with torch.no_grad():
+            rows.append((label, fitted.model.reconstruct(mu_train), fitted.model.reconstruct(mu_test)))
+    fig, axes = plt.subplots(len(rows), 2, figsize=(2 * count * 0.55 + 1.5, len(rows) * 0.75 + 0.6))
+    for r, (label, tr, te) in enumerate(rows):
+        for c, images in enumerate((tr, te)):
+            strip = images.clamp(0, 1).reshape(count, 28, 28).permute(1, 0, 2).reshape(28, count * 28)
+            ax = axes[r, c]
+            ax.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+            if r == 0:
+                ax.set_title("train images" if c == 0 else "test images", fontsize=9)
+    fig.suptitle(f"{dataset}: reconstructions Ω(E[z]; E[θ]) (first seed of each method)", fontsize=10)
+    return _save(fig, out, f"{dataset}-reconstructions")

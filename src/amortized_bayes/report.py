@@ -1,0 +1,129 @@
+"""``report DIR``: figures, report.md and a self-contained report.html from stored results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from pathlib import Path
+
+from . import __version__
+from .analysis import dataset_table, load_results
+from .data.atomic import atomic_write_text
+from .plotting import elbo_curves, mse_curves, reconstructions, tolerance_boxes
+
+
+def _fmt(value, digits=4) -> str:
+    if value is None:
+        return "never"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "never"
+        if math.isnan(value):
+            return "-"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    """The summary table as header and string cells (shared by Markdown and HTML)."""
+    head = ["method", "seeds", "-ELBO/image (nats)", "train MSE", "test MSE", "ms/step",
+            "epochs to tol", "seconds to tol", "test-time inference (s)",
+            "-ELBO vs F-VI", "train MSE vs F-VI", "speed-up to tol vs F-VI"]
+    rows = []
+    for label, r in table["rows"].items():
+        c = table["comparisons"].get(label, {})
+        ratio = lambda key: (f"{c[key]:.3f} ({c[key + '_ci'][0]:.3f}-{c[key + '_ci'][1]:.3f})" if key in c else "")
+        speed = c.get("speedup", "")
+        if speed is None:
+            speed_txt = "A-VI never reached it"
+        elif speed == "":
+            speed_txt = ""
+        elif math.isinf(speed):
+            speed_txt = "F-VI never reached it"
+        else:
+            speed_txt = f"{speed:.2f}x ({c['speedup_ci'][0]:.2f}-{c['speedup_ci'][1]:.2f})"
+        reached = lambda key: f"{_fmt(r[key], 4)} ({r[key + '_reached']}/{r['seeds']})"
+        rows.append([label, str(r["seeds"]), f"{r['neg_elbo_per_image']:.2f}", f"{r['train_mse']:.4f}",
+                     _fmt(r["test_mse"]), f"{1e3 * r['seconds_per_step']:.1f}", reached("epochs_to_tol"),
+                     reached("seconds_to_tol"), _fmt(r["test_inference_seconds"], 3),
+                     ratio("elbo_ratio"), ratio("mse_ratio"), speed_txt])
+    return head, rows
+
+
+def build_report(root: str | Path, *, reconstructions_count: int = 8) -> dict[str, Path]:
+    """Build ``root/report/``: figures (PNG + SVG), report.md, report.html. Returns the main paths."""
+    root = Path(root)
+    results = load_results(root)
+    if not results.groups:
+        raise ValueError(f"{root}: no finished runs to report on")
+    out = root / "report"
+    figures = out / "figures"
+    sections = []
+    for dataset in sorted(results.groups):
+        table = dataset_table(results, dataset)
+        figs = [elbo_curves(results, dataset, figures)[0], mse_curves(results, dataset, figures)[0]]
+        if table["tolerance"] is not None:
+            figs.append(tolerance_boxes(results, dataset, figures, table)[0])
+        figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
+        sections.append((dataset, table, figs))
+    md = _markdown(results, sections, out)
+    atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _html(results, sections))
+    return {"markdown": out / "report.md", "html": out / "report.html", "figures": figures}
+
+
+def _preamble(results) -> list[str]:
+    grid = results.grid
+    lines = [f"Grid **{grid.get('name', '?')}**: {grid.get('description', '')}",
+             f"Built {time.strftime('%Y-%m-%d %H:%M')} by amortized-bayes {__version__} from the stored results in "
+             f"`{results.root}`; nothing was retrained. Medians over seeds; intervals are 95% bootstrap "
+             "intervals over seeds (coarse with few seeds). Ratios are A-VI / F-VI; the speed-up is F-VI's "
+             "training seconds to the tolerance divided by A-VI's."]
+    if results.unfinished:
+        lines.append(f"Not included (unfinished): {', '.join(results.unfinished)}.")
+    return lines
+
+
+def _markdown(results, sections, out: Path) -> str:
+    lines = ["# amortized-bayes report", "", *(_preamble(results)), ""]
+    for dataset, table, figs in sections:
+        lines += [f"## {dataset}", "", f"Tolerance: {table['metric']} <= {table['tolerance']}", ""]
+        head, rows = table_rows(table)
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        lines += ["", "### Verdicts", ""]
+        for v in table["verdicts"]:
+            lines.append(f"- **{v['claim']}**: {v['verdict']}. {v['why']}")
+        lines.append("")
+        for fig in figs:
+            lines.append(f"![{fig.stem}]({fig.relative_to(out).as_posix()})")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _html(results, sections) -> str:
+    def esc(text):
+        return html.escape(str(text))
+
+    body = ["<h1>amortized-bayes report</h1>"]
+    body += [f"<p>{esc(p).replace('**', '')}</p>" for p in _preamble(results)]
+    for dataset, table, figs in sections:
+        head, rows = table_rows(table)
+        body.append(f"<h2>{esc(dataset)}</h2><p>Tolerance: {esc(table['metric'])} &le; {esc(table['tolerance'])}</p>")
+        body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
+        body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+        body.append("</tbody></table><h3>Verdicts</h3><ul>")
+        body += [f"<li><b>{esc(v['claim'])}</b>: <i>{esc(v['verdict'])}</i>. {esc(v['why'])}</li>"
+                 for v in table["verdicts"]]
+        body.append("</ul>")
+        for fig in figs:
+            data = base64.b64encode(fig.read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{esc(fig.stem)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{esc(fig.stem)}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}")
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amortized-bayes report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
