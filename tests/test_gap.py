@@ -77,3 +77,36 @@ def test_iwae_approaches_the_exact_evidence_and_never_exceeds_it(setup):
     assert errors[5000] < 0.01
     # With K = 1 the bound is the ELBO of the proposal: the mean-field restriction's gap.
     assert errors[1] == pytest.approx(float((exact - model.elbo(x, mu_star, ls_star)).mean()), abs=0.05)
+
+
+def test_gap_command_on_stored_runs(tmp_path):
+    """`run` a tiny grid, then `gap`: every run gets gap.json with non-negative amortization gaps (within
+    Monte Carlo error), an IWAE evidence above the best ELBO, and a refinement curve that climbs."""
+    import json
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('name = "g"\n[base.data]\nn_train = 100\nn_test = 20\n[base.model]\nlatent_dim = 4\n'
+                    'hidden = 16\n[base.train]\nepochs = 3\nbatch_size = 50\n[axes]\n'
+                    '"family.name" = ["amortized", "factorized"]\n"family.width" = [8]\n')
+    out = tmp_path / "out"
+    for args in (["run", grid, "--out", out], ["gap", out, "--images", "10", "--iwae-k", "300"]):
+        proc = subprocess.run([sys.executable, "-m", "amortized_bayes", *map(str, args)], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "amortization gap" in proc.stdout
+    files = sorted(out.glob("runs/*/gap.json"))
+    assert len(files) == 2
+    for path in files:
+        result = json.loads(path.read_text())
+        for split in ("train", "test"):
+            s = result["splits"][split]
+            assert s["images"] == 10
+            assert s["amortization_gap"]["mean"] > -3 * s["amortization_gap"]["se"] - 0.05
+            assert s["approximation_gap"]["mean"] > -3 * s["approximation_gap"]["se"] - 0.05
+            curve = s["refinement_curve"]
+            assert [c["steps"] for c in curve][:3] == [0, 1, 2]
+            assert curve[-1]["elbo_mean"] > curve[0]["elbo_mean"]
+            assert curve[0]["elbo_mean"] == pytest.approx(s["elbo_family"]["mean"], abs=1.0)
+            assert s["q_star_cost_from_prior"]["steps"] > 0

@@ -10,10 +10,11 @@ from .. import __version__
 from ..config import ConfigError
 from ..data.errors import DataError
 from . import data as data_cmd
+from . import gap as gap_cmd
 from . import report as report_cmd
 from . import run as run_cmd
 
-COMMANDS = (data_cmd, run_cmd, report_cmd)
+COMMANDS = (data_cmd, run_cmd, report_cmd, gap_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
