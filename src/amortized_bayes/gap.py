@@ -20,7 +20,7 @@ import torch
 
 from . import densities as dens
 from .model import BayesianDecoder, ThetaDraw
-from .objectives import draw_z, log_likelihood
+from .objectives import draw_z, elbo_per_image, log_likelihood
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,6 @@ class LocalOptimConfig:
     decay: float = 0.3
     plateaus: int = 4
     max_steps: int = 5000
-
-
-def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
-                   theta: ThetaDraw, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ELBO_x for each image (M,), with S reparameterised draws and the closed-form KL to N(0, I)."""
-    z, _ = draw_z(mu, log_sigma, num_samples, generator)
-    ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
-    return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
 
 
 @dataclass

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import densities as dens
 from .config import LocalInferenceConfig
 from .families import VariationalFamily
 from .model import BayesianDecoder
-from .objectives import draw_z, log_likelihood, make_local_elbo
+from .objectives import elbo_per_image, make_local_elbo
 
 
 @dataclass
@@ -39,9 +38,7 @@ def local_negative_elbo(model: BayesianDecoder, family: VariationalFamily, x: to
     with torch.no_grad():
         theta = model.sample(num_samples, generator)
     mu, log_sigma = family.local_params(x, None)
-    z, _ = draw_z(mu, log_sigma, num_samples, generator)
-    ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).sum() / num_samples
-    return -(ll - dens.kl_normal_to_centered(mu, log_sigma).sum())
+    return -elbo_per_image(model, x, mu, log_sigma, theta, num_samples, generator).sum()
 
 
 def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch.Tensor,

@@ -94,16 +94,23 @@ def draw_z(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
     return mu + torch.exp(log_sigma) * eps, eps
 
 
+def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
+                   theta: ThetaDraw, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ELBO_x(q) = E_q(z)[log p(x | z, theta) + log p(z) - log q(z)] per image (B,): S reparameterised
+    draws of z (paired with theta's S draws, or all decoded with a single theta) and the closed-form KL."""
+    z, _ = draw_z(mu, log_sigma, num_samples, generator)
+    ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
+    return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
+
+
 def make_local_elbo(model: BayesianDecoder, num_samples: int = 1, generator: torch.Generator | None = None,
                     theta: ThetaDraw | None = None) -> LocalELBO:
-    """Per-image local ELBO_x(q) = E_q(z)[log p(x | z, theta) + log p(z) - log q(z)] with theta fixed
-    (default: the posterior mean), by S reparameterised draws and the closed-form KL. Returns (B,)."""
+    """:func:`elbo_per_image` as a function of (x, mu, log_sigma), theta fixed (default: the posterior
+    mean, taken when called so that it follows training)."""
 
     def local_elbo(x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
         th = theta if theta is not None else model.mean()
-        z, _ = draw_z(mu, log_sigma, num_samples, generator)
-        ll = log_likelihood(model, x, model.decode(z, th), legacy=False).mean(0)
-        return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
+        return elbo_per_image(model, x, mu, log_sigma, th, num_samples, generator)
 
     return local_elbo
 
