@@ -8,13 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from amortized_bayes.cli import main as cli_main
 from amortized_bayes.config import ConfigError, DataConfig, FamilyConfig, RunConfig, TrainConfig
-from amortized_bayes.experiments.grid import Grid, load_grid_file, parse_overrides, run_hash, run_id
+from amortized_bayes.experiments.grid import load_grid_file, parse_overrides, run_hash, run_id
 from amortized_bayes.experiments.presets import PRESETS
 from amortized_bayes.experiments.store import ResultStore, read_evals, read_json, read_steps
 

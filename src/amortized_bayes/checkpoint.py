@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data.atomic import atomic_write_bytes
+from .data.atomic import atomic_torch_save
 from .families import VariationalFamily, build_family
 from .inference import LocalPosterior, infer_local
 from .model import BayesianDecoder
@@ -39,8 +39,6 @@ class FittedModel:
 
 def save_fit(result: FitResult, path: str | Path) -> Path:
     """Write ``result`` to ``path`` atomically (a crash mid-write leaves any previous file intact)."""
-    import io
-
     num_data = getattr(result.family, "num_data", None)
     payload = {
         "format": FORMAT_VERSION,
@@ -53,10 +51,8 @@ def save_fit(result: FitResult, path: str | Path) -> Path:
         "steps_done": result.steps_done,
         "epochs_done": result.epochs_done,
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_torch_save(path, payload)
     return path
 
 

@@ -6,7 +6,6 @@ drawn faintly when there are at most five. One colour per method across every fi
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib

@@ -26,6 +26,28 @@ def _fmt(value, digits=4) -> str:
     return str(value)
 
 
+def _ratio_cell(comparison: dict, key: str) -> str:
+    if key not in comparison:
+        return ""
+    lo, hi = comparison[key + "_ci"]
+    return f"{comparison[key]:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def _speedup_cell(comparison: dict) -> str:
+    speed = comparison.get("speedup", "")
+    if speed is None:
+        return "A-VI never reached it"
+    if speed == "":
+        return ""
+    if math.isinf(speed):
+        return "F-VI never reached it"
+    return f"{speed:.2f}x ({comparison['speedup_ci'][0]:.2f}-{comparison['speedup_ci'][1]:.2f})"
+
+
+def _reached_cell(row: dict, key: str) -> str:
+    return f"{_fmt(row[key], 4)} ({row[key + '_reached']}/{row['seeds']})"
+
+
 def table_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     """The summary table as header and string cells (shared by Markdown and HTML)."""
     head = ["method", "seeds", "-ELBO/image (nats)", "train MSE", "test MSE", "ms/step",
@@ -34,21 +56,10 @@ def table_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for label, r in table["rows"].items():
         c = table["comparisons"].get(label, {})
-        ratio = lambda key: (f"{c[key]:.3f} ({c[key + '_ci'][0]:.3f}-{c[key + '_ci'][1]:.3f})" if key in c else "")
-        speed = c.get("speedup", "")
-        if speed is None:
-            speed_txt = "A-VI never reached it"
-        elif speed == "":
-            speed_txt = ""
-        elif math.isinf(speed):
-            speed_txt = "F-VI never reached it"
-        else:
-            speed_txt = f"{speed:.2f}x ({c['speedup_ci'][0]:.2f}-{c['speedup_ci'][1]:.2f})"
-        reached = lambda key: f"{_fmt(r[key], 4)} ({r[key + '_reached']}/{r['seeds']})"
         rows.append([label, str(r["seeds"]), f"{r['neg_elbo_per_image']:.2f}", f"{r['train_mse']:.4f}",
-                     _fmt(r["test_mse"]), f"{1e3 * r['seconds_per_step']:.1f}", reached("epochs_to_tol"),
-                     reached("seconds_to_tol"), _fmt(r["test_inference_seconds"], 3),
-                     ratio("elbo_ratio"), ratio("mse_ratio"), speed_txt])
+                     _fmt(r["test_mse"]), f"{1e3 * r['seconds_per_step']:.1f}", _reached_cell(r, "epochs_to_tol"),
+                     _reached_cell(r, "seconds_to_tol"), _fmt(r["test_inference_seconds"], 3),
+                     _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"), _speedup_cell(c)])
     return head, rows
 
 

@@ -9,8 +9,6 @@ of fitting the test images' q(z') with q(theta) frozen.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Callable
 import torch
 
 from .config import RunConfig
+from .data.atomic import atomic_torch_save
 from .evaluation import (
     collapse_diagnostics,
     full_data_negative_elbo,
@@ -208,16 +207,6 @@ def _training_state(result, optimisers, generator, batch_generator, train_second
     }
 
 
-def _save_state(path: Path, state: dict) -> None:
-    import io
-
-    from .data.atomic import atomic_write_bytes
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianDecoder | None = None,
         family: VariationalFamily | None = None,
         on_eval: Callable[[dict], None] | None = None,
@@ -315,8 +304,8 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
             due = (checkpoint.every_epochs is not None and epoch % checkpoint.every_epochs == 0) or (
                 time.monotonic() - last_save >= checkpoint.every_seconds) or epoch == t.epochs
             if due:
-                _save_state(Path(checkpoint.path),
-                            _training_state(result, optimisers, generator, batch_generator, train_seconds))
+                atomic_torch_save(Path(checkpoint.path),
+                                  _training_state(result, optimisers, generator, batch_generator, train_seconds))
                 last_save = time.monotonic()
         if on_epoch is not None:
             on_epoch(result)

@@ -139,6 +139,10 @@ class _Progress:
             self.bar.close()
 
 
+def _cell(row: dict, key: str, fmt: str) -> str:
+    return format(float(row[key]), fmt) if row[key] not in ("", None) else "-"
+
+
 def print_summary(store, seconds: float | None = None) -> None:
     import csv
 
@@ -149,11 +153,9 @@ def print_summary(store, seconds: float | None = None) -> None:
     head = f"{'run':44s} {'state':11s} {'-ELBO/img':>10s} {'train MSE':>9s} {'test MSE':>9s} {'ms/step':>8s}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        def num(key, fmt):
-            return format(float(r[key]), fmt) if r[key] not in ("", None) else "-"
         ms = format(1e3 * float(r["seconds_per_step"]), ".1f") if r["seconds_per_step"] else "-"
-        print(f"{r['run_id'][:44]:44s} {r['state']:11s} {num('neg_elbo_per_image', '10.2f')} "
-              f"{num('train_mse', '9.4f')} {num('test_mse', '9.4f')} {ms:>8s}")
+        print(f"{r['run_id'][:44]:44s} {r['state']:11s} {_cell(r, 'neg_elbo_per_image', '10.2f')} "
+              f"{_cell(r, 'train_mse', '9.4f')} {_cell(r, 'test_mse', '9.4f')} {ms:>8s}")
     if seconds is not None:
         print(f"\n{len(rows)} runs in {store.root}; this invocation took {_fmt_seconds(seconds)}; table: {path}")
 

@@ -9,7 +9,6 @@ and never another exception type.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from .errors import (
     CorruptGzipError,
     DataError,
     HeaderSizeMismatchError,
-    IDXFormatError,
     TruncatedIDXError,
 )
 
