@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from amortized_bayes.gap import LocalOptimConfig, elbo_per_image, iwae_log_evidence, optimise_local
+from amortized_bayes.gap import (AISConfig, LocalOptimConfig, ais_log_evidence, elbo_per_image, iwae_log_evidence,
+                                 optimise_local, sigmoid_schedule)
+from amortized_bayes.model import ThetaDraw
 
 from . import linear_gaussian as lg
 
@@ -91,11 +93,19 @@ def test_gap_command_on_stored_runs(tmp_path):
                     'hidden = 16\n[base.train]\nepochs = 3\nbatch_size = 50\n[axes]\n'
                     '"family.name" = ["amortized", "factorized"]\n"family.width" = [8]\n')
     out = tmp_path / "out"
-    for args in (["run", grid, "--out", out], ["gap", out, "--images", "10", "--iwae-k", "300"]):
+    def cli(*args):
         proc = subprocess.run([sys.executable, "-m", "amortized_bayes", *map(str, args)], capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "amortization gap" in proc.stdout
+        return proc.stdout
+
+    cli("run", grid, "--out", out)
+    stdout = cli("gap", out, "--images", "10", "--iwae-k", "300", "--ais", "--ais-steps", "50", "--ais-chains", "4")
+    assert "amortization gap" in stdout and "2 to measure" in stdout
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/gap.json")}
+    assert "0 to measure" in cli("gap", out, "--images", "10", "--iwae-k", "300", "--ais", "--ais-steps", "50",
+                                 "--ais-chains", "4")
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/gap.json")}  # up to date: not redone
     files = sorted(out.glob("runs/*/gap.json"))
     assert len(files) == 2
     for path in files:
@@ -110,3 +120,132 @@ def test_gap_command_on_stored_runs(tmp_path):
             assert curve[-1]["elbo_mean"] > curve[0]["elbo_mean"]
             assert curve[0]["elbo_mean"] == pytest.approx(s["elbo_family"]["mean"], abs=1.0)
             assert s["q_star_cost_from_prior"]["steps"] > 0
+            assert s["ais_acceptance"]["mean"] > 0.2 and "approximation_gap_ais" in s
+
+    # The report picks the gaps up: a figure, and table cells equal to the medians of the stored means.
+    cli("report", out)
+    assert (out / "report" / "figures" / "mnist-gap.png").stat().st_size > 10_000
+    md = (out / "report" / "report.md").read_text()
+    assert "### Amortization gap" in md and "approximation gap (AIS)" in md
+    for path in files:
+        result = json.loads(path.read_text())
+        for split in ("train", "test"):
+            value = result["splits"][split]["amortization_gap"]["mean"]  # one run per method: median = it
+            assert f"| {split} | 1 | 10 | {value:.2f} |" in md
+
+
+def test_ais_agrees_with_the_exact_evidence_from_the_prior_and_from_q_star(setup):
+    model, x, decoder, theta, mu_star, ls_star = setup
+    exact = model.log_evidence(x)
+    for from_prior in (False, True):
+        config = AISConfig(chains=64, steps=500, from_prior=from_prior)
+        reps = torch.stack([ais_log_evidence(decoder, x, mu_star, ls_star, theta, config,
+                                             torch.Generator().manual_seed(r))["log_px"] for r in range(2)])
+        mean, se = reps.mean(0), reps.std(0) / math.sqrt(reps.shape[0])
+        assert abs(float((mean - exact).mean())) < 0.03, from_prior
+        assert float((mean - exact).abs().max()) < 0.15, from_prior
+        assert bool((mean <= exact + 4 * se + 0.02).all()), from_prior
+    # Annealing is what makes it work: a 10-temperature run from the prior is visibly worse.
+    short = ais_log_evidence(decoder, x, mu_star, ls_star, theta, AISConfig(chains=64, steps=10, from_prior=True),
+                             torch.Generator().manual_seed(9))
+    assert float((exact - short["log_px"]).mean()) > 0.05
+
+
+def test_ais_diagnostics_and_schedule():
+    b = sigmoid_schedule(100)
+    assert b[0] == 0 and b[-1] == 1 and bool((b[1:] > b[:-1]).all())
+    # Densest at both ends, where the geometric path changes fastest.
+    gaps = b[1:] - b[:-1]
+    assert gaps[0] < gaps[50] and gaps[-1] < gaps[50]
+    with pytest.raises(ValueError):
+        AISConfig(chains=0)
+
+
+def _quadrature_log_evidence(decoder, x, theta, half_width=6.0, points=401):
+    """log p(x | theta) of a 2-d latent model by a trapezoid rule on a grid: an implementation that
+    shares nothing with IWAE or AIS but the decoder."""
+    from amortized_bayes.objectives import log_likelihood
+
+    grid = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
+    z = torch.cartesian_prod(grid, grid)  # (P^2, 2)
+    with torch.no_grad():
+        out = decoder.double().decode(z.unsqueeze(1).expand(-1, x.shape[0], -1).contiguous(),
+                                      ThetaDraw([v.double() for v in theta.values], None))
+        ll = log_likelihood(decoder, x.double(), out, legacy=False)  # (P^2, M)
+    log_prior = (-0.5 * (z * z).sum(-1) - math.log(2 * math.pi)).unsqueeze(-1)
+    h = float(grid[1] - grid[0])
+    w = torch.ones(points, dtype=torch.float64)
+    w[0] = w[-1] = 0.5
+    log_w = (w[:, None] * w[None, :]).reshape(-1, 1).log() + 2 * math.log(h)
+    decoder.float()
+    return torch.logsumexp(ll + log_prior + log_w, 0)
+
+
+def test_iwae_and_ais_match_quadrature_on_a_nonlinear_bernoulli_decoder():
+    from amortized_bayes.config import ModelConfig
+    from amortized_bayes.model import BayesianDecoder
+
+    torch.manual_seed(0)
+    decoder = BayesianDecoder(ModelConfig(latent_dim=2, hidden=16, depth=1, data_dim=20,
+                                          likelihood="bernoulli", init_log_scale=-30.0)).requires_grad_(False)
+    with torch.no_grad():
+        for v in decoder.loc:
+            v.mul_(3.0)  # a sharper, more non-Gaussian posterior than PyTorch's default init gives
+    theta = decoder.mean()
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(8, 2, generator=g)
+    with torch.no_grad():
+        x = torch.bernoulli(torch.sigmoid(decoder.decode(z, theta)[0]), generator=g)
+    exact = _quadrature_log_evidence(decoder, x, theta).float()
+    q = optimise_local(decoder, x, torch.zeros(8, 2), torch.zeros(8, 2), theta, LocalOptimConfig(num_samples=32), g)
+    elbo = elbo_per_image(decoder, x, q.mu, q.log_sigma, theta, 4000, g)
+    iwae = torch.stack([iwae_log_evidence(decoder, x, q.mu, q.log_sigma, theta, 5000, g) for _ in range(5)]).mean(0)
+    ais = ais_log_evidence(decoder, x, q.mu, q.log_sigma, theta, AISConfig(chains=64, steps=500), g)["log_px"]
+    assert bool((elbo < exact).all())
+    assert float((exact - elbo).mean()) > 0.05  # the mean-field gap is real here...
+    for estimate in (iwae, ais):  # ...and both estimators close it
+        assert float((estimate - exact).abs().max()) < 0.05, (estimate - exact)
+
+
+def test_measure_gap_at_the_exact_optimum_and_averaged_over_theta_draws(setup):
+    """F-VI factors set to the closed-form optimum: amortization gap ~0; approximation gap = exact
+    log p(x) - exact ELBO; with theta drawn from q(theta), IWAE's log p(x) is the average of the exact
+    evidences at those very draws."""
+    from types import SimpleNamespace
+
+    from amortized_bayes.config import RunConfig
+    from amortized_bayes.families import FactorizedFamily
+    from amortized_bayes.gap import GapConfig, measure_gap, sample_thetas
+
+    model, x, decoder, theta, mu_star, ls_star = setup
+    family = FactorizedFamily(x.shape[0], mu_star.shape[1])
+    with torch.no_grad():
+        family.loc.weight.copy_(mu_star)
+        family.log_sigma.weight.copy_(ls_star)
+    fitted = SimpleNamespace(model=decoder, family=family, config=RunConfig())
+    config = GapConfig(images=x.shape[0], splits=("train",), iwae_samples=3000, elbo_samples=2000,
+                       optim=LocalOptimConfig(num_samples=32, max_steps=1500), curve_steps=(0, 10, 100))
+    s = measure_gap(fitted, {"train": x}, config)["splits"]["train"]
+    assert abs(s["amortization_gap"]["mean"]) < 0.02
+    exact_gap = float((model.log_evidence(x) - model.elbo(x, mu_star, ls_star)).mean())
+    assert s["approximation_gap"]["mean"] == pytest.approx(exact_gap, abs=0.03)
+    assert [c["steps"] for c in s["scratch_curve"]][:3] == [0, 10, 100]
+    # Refining the optimum buys nothing; fitting from scratch climbs to it.
+    refine, scratch = s["refinement_curve"], s["scratch_curve"]
+    assert abs(refine[-1]["elbo_mean"] - refine[0]["elbo_mean"]) < 0.05
+    assert scratch[0]["elbo_mean"] < s["elbo_family"]["mean"] - 1.0
+    assert scratch[-1]["elbo_mean"] == pytest.approx(s["elbo_family"]["mean"], abs=0.05)
+
+    spread = lg.make(D=6, d=3, obs_var=0.5, seed=4).decoder().requires_grad_(False)
+    with torch.no_grad():
+        spread.log_scale[1].fill_(math.log(0.3))  # q(theta): b ~ N(b0, 0.3^2), W fixed
+    fitted = SimpleNamespace(model=spread, family=family, config=RunConfig())
+    config = GapConfig(images=x.shape[0], splits=("train",), iwae_samples=3000, elbo_samples=500, theta_draws=3,
+                       optim=LocalOptimConfig(num_samples=16, max_steps=1500), curve_steps=(0,))
+    result = measure_gap(fitted, {"train": x}, config)
+    assert result["theta"] == "average over 3 draws of q(theta)"
+    draws = sample_thetas(spread, 3, torch.Generator().manual_seed(config.seed))
+    expected = torch.stack([lg.LinearGaussian(model.W, t.values[1][0], model.obs_var).log_evidence(x)
+                            for t in draws]).mean(0)
+    assert result["splits"]["train"]["log_px_iwae"]["mean"] == pytest.approx(float(expected.mean()), abs=0.03)
+    assert abs(float(expected.mean() - model.log_evidence(x).mean())) > 0.1  # the draws did matter

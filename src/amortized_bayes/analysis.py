@@ -64,6 +64,7 @@ class RunData:
     steps: dict
     evals: list[dict]
     summary: dict
+    gap: dict | None = None  # gap.json, once `amortized-bayes gap` has measured the run
 
     @property
     def n(self) -> int:
@@ -92,7 +93,8 @@ def load_results(root: str | Path) -> Results:
             results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
             continue
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
-                      read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {})
+                      read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {},
+                      read_json(rec.path / "gap.json", None))
         by_method = results.groups.setdefault(rec.config.data.dataset, {})
         by_method.setdefault(method_label(rec.config), []).append(run)
     for by_method in results.groups.values():
@@ -190,7 +192,41 @@ def dataset_table(results: Results, dataset: str) -> dict:
             "verdicts": verdicts(rows, comparisons, metric, tol)}
 
 
-def _width(label: str) -> int:
+GAP_KEYS = ("amortization_gap", "approximation_gap", "approximation_gap_ais")
+
+
+def gap_table(results: Results, dataset: str) -> dict:
+    """Per method and split: the median over seeds of each run's mean gap (nats per image), its range
+    over seeds, and the local-optimisation costs; only methods with at least one measured run."""
+    table = {}
+    for label, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+        measured = [r.gap for r in runs if r.gap]
+        if not measured:
+            continue
+        row = {"seeds": len(measured), "theta": measured[0].get("theta"), "splits": {}}
+        for split in ("train", "test"):
+            per_run = [g["splits"][split] for g in measured if split in g.get("splits", {})]
+            if not per_run:
+                continue
+            cell = {"images": per_run[0]["images"]}
+            for key in GAP_KEYS:
+                values = [s[key]["mean"] for s in per_run if key in s]
+                if values:
+                    cell[key] = {"median": float(np.median(values)), "min": min(values), "max": max(values),
+                                 "se": float(np.median([s[key]["se"] for s in per_run if key in s]))}
+            for key in ("refinement_to_90pct_of_gap", "scratch_to_family_elbo"):
+                hits = [s.get(key) for s in per_run]
+                cell[key] = ({"steps": float(np.median([h["steps"] for h in hits])),
+                              "seconds": float(np.median([h["seconds"] for h in hits]))}
+                             if all(h is not None for h in hits) else None)
+            cell["q_star_seconds_from_prior"] = float(np.median([s["q_star_cost_from_prior"]["seconds"] for s in per_run]))
+            row["splits"][split] = cell
+        table[label] = row
+    return table
+
+
+def encoder_width(label: str) -> int:
+    """k of an 'A-VI k=..' or 'SA-VI k=..' label; 0 for the others."""
     try:
         return int(label.split("k=")[1].split()[0])
     except (IndexError, ValueError):
@@ -200,7 +236,7 @@ def _width(label: str) -> int:
 def verdicts(rows: dict, comparisons: dict, metric: str, tol) -> list[dict]:
     """One plain-language verdict per claim of the original study, computed from the table."""
     out = []
-    wide = {k: v for k, v in comparisons.items() if _width(k) >= 64}
+    wide = {k: v for k, v in comparisons.items() if encoder_width(k) >= 64}
     if "F-VI" not in rows or not wide:
         out.append({"claim": "A-VI with k >= 64 reaches F-VI's ELBO and MSE", "verdict": "not testable",
                     "why": "the grid needs F-VI and A-VI with k >= 64"})

@@ -112,18 +112,20 @@ class SemiAmortizedFamily(AmortizedFamily):
     """SA-VI (Kim et al. 2018): the encoder's output refined by K gradient-ascent steps of size ``lr``
     on each datapoint's local ELBO (theta at its posterior mean). With ``backprop`` the encoder is
     trained through the unrolled steps; without, the refined output passes the gradient straight to
-    the encoder's output (no second-order terms)."""
+    the encoder's output (no second-order terms). Each image's step direction is clipped to norm
+    ``max_norm`` (0: none)."""
 
     name = "semi-amortized"
 
-    def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool):
+    def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool,
+                 max_norm: float = 0.0):
         super().__init__(data_dim, latent_dim, width, depth)
-        self.steps, self.lr, self.backprop = steps, lr, backprop
+        self.steps, self.lr, self.backprop, self.max_norm = steps, lr, backprop, max_norm
 
     @classmethod
     def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
         return cls(data_dim, latent_dim, config.width, config.depth, config.refine_steps, config.refine_lr,
-                   config.refine_backprop)
+                   config.refine_backprop, config.refine_max_norm)
 
     def local_params(self, x, idx, refine=None):
         mu0, log_sigma0 = self.encode(x)
@@ -139,6 +141,10 @@ class SemiAmortizedFamily(AmortizedFamily):
             for _ in range(self.steps):
                 elbo = refine(x, mu, log_sigma).sum()
                 g_mu, g_ls = torch.autograd.grad(elbo, (mu, log_sigma), create_graph=keep_graph)
+                if self.max_norm > 0:
+                    norm = torch.sqrt((g_mu * g_mu).sum(-1, keepdim=True) + (g_ls * g_ls).sum(-1, keepdim=True))
+                    scale = torch.clamp(self.max_norm / (norm + 1e-12), max=1.0)
+                    g_mu, g_ls = g_mu * scale, g_ls * scale
                 mu, log_sigma = mu + self.lr * g_mu, log_sigma + self.lr * g_ls
         if keep_graph:
             return mu, log_sigma

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .analysis import Results, method_order  # noqa: E402
+from .analysis import Results, encoder_width, method_order  # noqa: E402
 
 FEW_SEEDS = 5
 PALETTE = plt.get_cmap("tab10").colors
@@ -166,3 +166,68 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
                 ax.set_title("train images" if c == 0 else "test images", fontsize=9)
     fig.suptitle(f"{dataset}: reconstructions Ω(E[z]; E[θ]) (first seed of each method)", fontsize=10)
     return _save(fig, out, f"{dataset}-reconstructions")
+
+
+def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Path]:
+    """Left: the amortization gap (nats per image) against encoder width, train and test; the
+    non-amortized families as horizontal reference lines. Right: the test images' (else train) mean
+    remaining gap to q* after n local Adam steps, from each method's own q (the refinement curve,
+    solid) and from the prior (fitting a factorized q from scratch, dashed; first seed only)."""
+    col = colours(results)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    widths = {m: encoder_width(m) for m in gaps}
+    amortized = sorted((m for m in gaps if m.startswith("A-VI")), key=widths.get)
+    for split, style in (("train", "o--"), ("test", "s-")):
+        xs, ys, lo, hi = [], [], [], []
+        for m in amortized:
+            cell = gaps[m]["splits"].get(split, {}).get("amortization_gap")
+            if cell:
+                xs.append(widths[m])
+                ys.append(cell["median"])
+                lo.append(cell["median"] - cell["min"])
+                hi.append(cell["max"] - cell["median"])
+        if xs:
+            a1.errorbar(xs, ys, yerr=[lo, hi], fmt=style, color="black", capsize=3, label=f"A-VI, {split}")
+        for m, row in gaps.items():
+            cell = row["splits"].get(split, {}).get("amortization_gap")
+            if not cell or m in amortized:
+                continue
+            if m.startswith("SA-VI"):
+                a1.scatter([widths[m]], [cell["median"]], marker="o" if split == "train" else "s", color=col[m],
+                           zorder=3, label=f"{m}, {split}")
+            else:
+                a1.axhline(cell["median"], color=col[m], ls="--" if split == "train" else "-", lw=1.2,
+                           label=f"{m}, {split}")
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("symlog", linthresh=1.0)
+    a1.set_xlabel("encoder width k")
+    a1.set_ylabel("amortization gap (nats per image)")
+    a1.set_title(f"{dataset}: ELBO_x(q*) - ELBO_x(q), median over seeds (bars: range)", fontsize=9)
+    a1.grid(alpha=0.3, which="both")
+    a1.legend(fontsize=7, frameon=False)
+    scratch_drawn = False
+    for m, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+        run = next((r for r in runs if r.gap), None)
+        if run is None:
+            continue
+        splits = run.gap["splits"]
+        s = splits.get("test") or splits.get("train")
+        star = s["elbo_q_star"]["mean"]
+        for key, ls in (("refinement_curve", "-"), ("scratch_curve", ":")):
+            if key == "scratch_curve" and scratch_drawn:
+                continue
+            curve = s[key]
+            x = np.array([c["steps"] for c in curve], dtype=float)
+            y = np.maximum(np.array([star - c["elbo_mean"] for c in curve]), 1e-3)
+            a2.plot(x, y, ls, marker=".", color=col[m] if key == "refinement_curve" else "grey",
+                    label=m if key == "refinement_curve" else f"from the prior (scratch; {m}'s theta)")
+            scratch_drawn |= key == "scratch_curve"
+    a2.set_xscale("symlog", linthresh=1.0)
+    a2.set_yscale("log")
+    a2.set_xlabel("local Adam steps (theta fixed)")
+    a2.set_ylabel("ELBO_x(q*) - ELBO_x (nats per image)")
+    a2.set_title(f"{dataset}: refinement from each method's q (test images)", fontsize=9)
+    a2.grid(alpha=0.3, which="both")
+    a2.legend(fontsize=7, frameon=False)
+    return _save(fig, out, f"{dataset}-gap")
+

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .analysis import dataset_table, load_results
+from .analysis import dataset_table, gap_table, load_results
 from .data.atomic import atomic_write_text
-from .plotting import elbo_curves, mse_curves, reconstructions, tolerance_boxes
+from .plotting import elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
 
 
 def _fmt(value, digits=4) -> str:
@@ -63,6 +63,42 @@ def table_rows(table: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _gap_cell(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    spread = f" [{cell['min']:.2f}, {cell['max']:.2f}]" if cell["max"] > cell["min"] else ""
+    return f"{cell['median']:.2f}{spread}"
+
+
+def _cost_cell(hit) -> str:
+    return "not within the curve" if hit is None else f"{hit['steps']:g} steps, {hit['seconds']:.2f} s"
+
+
+def gap_rows(gaps: dict) -> tuple[list[str], list[list[str]]]:
+    """The amortization-gap table as header and string cells: one row per method and split."""
+    ais = any("approximation_gap_ais" in c for r in gaps.values() for c in r["splits"].values())
+    head = ["method", "split", "runs", "images", "amortization gap", "approximation gap (IWAE)"]
+    head += ["approximation gap (AIS)"] if ais else []
+    head += ["local steps to close 90% of the gap", "from scratch to the family's ELBO", "q* from the prior (s)"]
+    rows = []
+    for label, row in gaps.items():
+        for split, c in row["splits"].items():
+            cells = [label, split, str(row["seeds"]), str(c["images"]), _gap_cell(c.get("amortization_gap")),
+                     _gap_cell(c.get("approximation_gap"))]
+            cells += [_gap_cell(c.get("approximation_gap_ais"))] if ais else []
+            cells += [_cost_cell(c["refinement_to_90pct_of_gap"]), _cost_cell(c["scratch_to_family_elbo"]),
+                      f"{c['q_star_seconds_from_prior']:.2f}"]
+            rows.append(cells)
+    return head, rows
+
+
+GAP_NOTE = ("Nats per image: the median over runs (seeds) of each run's mean over images, with the range over "
+            "runs in brackets. Amortization gap = ELBO_x(q*) - ELBO_x(q_family); approximation gap = "
+            "log p(x | theta) - ELBO_x(q*), theta = {theta}. Costs are local Adam steps with theta fixed, "
+            "for all the images of the split at once; 'from scratch' fits a factorized q from the prior, "
+            "which is what F-VI pays for new images. Measured by `amortized-bayes gap`.")
+
+
 def build_report(root: str | Path, *, reconstructions_count: int = 8) -> dict[str, Path]:
     """Build ``root/report/``: figures (PNG + SVG), report.md, report.html. Returns the main paths."""
     root = Path(root)
@@ -78,11 +114,19 @@ def build_report(root: str | Path, *, reconstructions_count: int = 8) -> dict[st
         if table["tolerance"] is not None:
             figs.append(tolerance_boxes(results, dataset, figures, table)[0])
         figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
+        gaps = gap_table(results, dataset)
+        if gaps:
+            figs.append(gap_figure(results, dataset, figures, gaps)[0])
+        table["gaps"] = gaps
         sections.append((dataset, table, figs))
     md = _markdown(results, sections, out)
     atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _html(results, sections))
     return {"markdown": out / "report.md", "html": out / "report.html", "figures": figures}
+
+
+def _theta(gaps: dict) -> str:
+    return next(iter(gaps.values())).get("theta") or "posterior mean"
 
 
 def _preamble(results) -> list[str]:
@@ -108,6 +152,14 @@ def _markdown(results, sections, out: Path) -> str:
         for v in table["verdicts"]:
             lines.append(f"- **{v['claim']}**: {v['verdict']}. {v['why']}")
         lines.append("")
+        if table["gaps"]:
+            head, rows = gap_rows(table["gaps"])
+            lines += ["### Amortization gap", "", GAP_NOTE.format(theta=_theta(table["gaps"])), ""]
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(r) + " |" for r in rows]
+            lines.append("")
+        else:
+            lines += ["Amortization gap: not measured yet (`amortized-bayes gap DIR`, then `report DIR` again).", ""]
         for fig in figs:
             lines.append(f"![{fig.stem}]({fig.relative_to(out).as_posix()})")
         lines.append("")
@@ -129,6 +181,12 @@ def _html(results, sections) -> str:
         body += [f"<li><b>{esc(v['claim'])}</b>: <i>{esc(v['verdict'])}</i>. {esc(v['why'])}</li>"
                  for v in table["verdicts"]]
         body.append("</ul>")
+        if table["gaps"]:
+            head, rows = gap_rows(table["gaps"])
+            body.append(f"<h3>Amortization gap</h3><p>{esc(GAP_NOTE.format(theta=_theta(table['gaps'])))}</p>")
+            body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
+            body.append("</tbody></table>")
         for fig in figs:
             data = base64.b64encode(fig.read_bytes()).decode("ascii")
             body.append(f'<figure><img alt="{esc(fig.stem)}" src="data:image/png;base64,{data}">'

@@ -21,7 +21,7 @@ from typing import Any
 from ..config import ConfigError, FamilyConfig, RunConfig
 
 ENCODER_FIELDS = ("width", "depth")
-REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop")
+REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop", "refine_max_norm")
 FREE_FACTOR_FIELDS = ("init_log_scale",)
 
 
