@@ -27,6 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="save each run's training state this often (default 120 s)")
     run.add_argument("--tensorboard", action="store_true",
                      help="log every metric to OUT/tensorboard (needs the 'tensorboard' extra)")
+    ray = run.add_argument_group("executor", "where the runs execute (README: 'Running on a Ray cluster')")
+    ray.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local worker processes (default) or one Ray task per run (needs the 'ray' extra)")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join (auto, HOST:PORT or ray://HOST:PORT; default: a private local "
+                     "Ray instance)")
+    ray.add_argument("--gpus-per-run", type=float, default=None,
+                     help="GPUs each Ray task asks for (default: 1 for runs with train.device=cuda, else 0)")
+    ray.add_argument("--retries", type=int, default=2,
+                     help="extra attempts for a Ray task that fails or is lost (default 2)")
+    ray.add_argument("--ship-data", action="store_true",
+                     help="load each dataset on the driver and ship the arrays to the tasks (for nodes that "
+                     "cannot fetch data)")
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="state of every run of a results folder")
@@ -83,22 +96,51 @@ def cmd_run(args) -> int:
             state = existing[rid].display_state if rid in existing else "new"
             print(f"  {state:11s} {rid}  ({c.data.n_train} images, {c.train.epochs} epochs)")
         return 0
+    if args.executor == "ray":
+        if args.tensorboard:
+            print("error: --tensorboard is not supported with --executor ray (runs log on their own nodes)",
+                  file=sys.stderr)
+            return 2
+        if args.workers:
+            print("note: --workers is ignored with --executor ray (Ray schedules one task per run on free CPUs)")
+        if args.retries < 0:
+            print("error: --retries must be >= 0", file=sys.stderr)
+            return 2
+        try:
+            from ..experiments.ray_executor import import_ray
+
+            import_ray()
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     store.save_grid(grid.to_dict())
     workers = args.workers or default_workers(sum(r.state != "done" for r in records))
-    threads = args.threads or default_threads(workers)
+    threads = args.threads or (1 if args.executor == "ray" else default_threads(workers))
     todo = [r for r in records if r.state != "done" and not r.alive]
     for r in records:
         if r.alive:
             print(f"note: {r.run_id} is being run by a live worker (pid {r.status.get('pid')}); not starting it "
                   "again", flush=True)
+    how = (f"as Ray tasks of {threads} CPU(s) each" + (f" on {args.address}" if args.address else " (local Ray)")
+           if args.executor == "ray" else f"with {workers} worker(s) x {threads} thread(s)")
     print(f"{grid.name}: {len(records)} runs, {len(records) - len(todo)} already done, {len(todo)} to run "
-          f"with {workers} worker(s) x {threads} thread(s) -> {out}", flush=True)
+          f"{how} -> {out}", flush=True)
     progress = _Progress(len(todo), store)
     started = time.time()
-    outcomes = run_local(records, store, workers=workers, threads=threads,
-                         checkpoint_seconds=args.checkpoint_every,
-                         tensorboard_dir=str(out / "tensorboard") if args.tensorboard else None,
-                         on_start=progress.start, on_finish=progress.finish)
+    if args.executor == "ray":
+        from ..experiments.ray_executor import run_ray
+
+        gpus = args.gpus_per_run
+        if gpus is None:
+            gpus = 1.0 if any(r.config.train.device.startswith("cuda") for r in todo) else 0.0
+        outcomes = run_ray(records, store, address=args.address, threads=threads, gpus=gpus,
+                           checkpoint_seconds=args.checkpoint_every, retries=args.retries,
+                           ship_data=args.ship_data, on_start=progress.start, on_finish=progress.finish)
+    else:
+        outcomes = run_local(records, store, workers=workers, threads=threads,
+                             checkpoint_seconds=args.checkpoint_every,
+                             tensorboard_dir=str(out / "tensorboard") if args.tensorboard else None,
+                             on_start=progress.start, on_finish=progress.finish)
     progress.close()
     store.write_summary_table()
     print_summary(store, time.time() - started)

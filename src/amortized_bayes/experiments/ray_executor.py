@@ -1,0 +1,173 @@
+"""Run a grid on a Ray cluster: each run is one Ray task, the results folder stays on the driver.
+
+A task executes a run with :func:`worker.execute` in a scratch results folder on whichever node Ray
+places it, then returns the run's files (metrics, model, log, and its training state when it did not
+finish); the driver writes them into the store as runs finish, so the folder looks exactly as after a
+local run and ``report``/``gap``/``status`` work unchanged. Nodes need no shared filesystem.
+
+Failures: a task lost with its node (or its worker process) is resubmitted by Ray itself
+(``max_retries``); a run that fails (an error, a NaN) is resubmitted by the driver from the training
+state it returned, up to ``retries`` more attempts, then recorded as failed while the grid goes on.
+Finished runs are on the driver's disk as soon as their task returns, so losing a node later loses none.
+
+Data: by default each task loads its data through the data layer on its node, which fetches and
+verifies into that node's cache (or reads a shared folder set with ``AMORTIZED_BAYES_DATA``);
+with ``ship_data`` the driver loads each distinct dataset once and ships the arrays through Ray's
+object store, for nodes that cannot fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..data.atomic import atomic_write_bytes
+from .local import Outcome
+from .store import ResultStore, RunRecord, now, read_json
+
+# What a task sends back: everything a local worker leaves in a run's folder.
+RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "summary.json", "model.pt", "state.pt", "log.txt")
+
+
+class RayUnavailable(RuntimeError):
+    pass
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise RayUnavailable("--executor ray needs Ray: pip install 'amortized-bayes[ray]'") from exc
+    return ray
+
+
+def execute_task(config: dict, status: dict, state: bytes | None, data, threads: int,
+                 checkpoint_seconds: float) -> dict:
+    """The body of one Ray task (also callable directly): run ``config`` in a scratch results folder,
+    starting from ``state`` (a training checkpoint) when given, and return its files."""
+    from ..config import RunConfig
+    from .store import write_json
+    from .worker import execute
+
+    with tempfile.TemporaryDirectory(prefix="amortized-bayes-task-") as tmp:
+        store = ResultStore(tmp)
+        record = store.plan(RunConfig.from_dict(config))
+        write_json(record.path / "status.json", {k: v for k, v in status.items() if k != "state"})
+        if state is not None:
+            atomic_write_bytes(record.path / "state.pt", state)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            final = execute(record.path, threads=threads, checkpoint_seconds=checkpoint_seconds, data=data)
+        (record.path / "log.txt").write_text(log.getvalue())
+        files = {name: (record.path / name).read_bytes() for name in RUN_FILES if (record.path / name).exists()}
+    return {"state": final, "host": socket.gethostname(), "node": _node_ip(), "pid": os.getpid(), "files": files}
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - only a label for the log
+        return None
+
+
+def _write_back(record: RunRecord, result: dict, attempt_log: str) -> None:
+    """Store a task's files in the driver's run folder; the log is appended, not replaced."""
+    files = dict(result["files"])
+    log = files.pop("log.txt", b"")
+    if "state.pt" not in files:
+        (record.path / "state.pt").unlink(missing_ok=True)
+    for name, data in files.items():
+        atomic_write_bytes(record.path / name, data)
+    with open(record.path / "log.txt", "ab") as f:
+        f.write(attempt_log.encode() + log)
+
+
+def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None = None, threads: int = 1,
+            gpus: float = 0.0, checkpoint_seconds: float = 120.0, retries: int = 2, ship_data: bool = False,
+            on_start: Callable[[RunRecord], None] | None = None,
+            on_finish: Callable[[RunRecord, Outcome], None] | None = None) -> list[Outcome]:
+    """Run every record not yet done as a Ray task with ``threads`` CPUs (and ``gpus`` GPUs) each.
+
+    ``address``: the cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None starts a private
+    local Ray instance (or uses the one this process has already initialised)."""
+    ray = import_ray()
+    from ..config import RunConfig
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                 configure_logging=True)
+    task = ray.remote(execute_task).options(num_cpus=threads, num_gpus=gpus, max_retries=max(0, retries))
+    busy = {r.run_id for r in records if r.alive}
+    todo = [r for r in records if r.state != "done" and r.run_id not in busy]
+    outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]
+    outcomes += [Outcome(r.run_id, "busy", 0.0, "a live worker is already running it") for r in records
+                 if r.run_id in busy]
+    shipped: dict[str, object] = {}
+
+    def data_for(record: RunRecord):
+        if not ship_data:
+            return None
+        from ..training import load_training_data
+
+        key = repr(record.config.data)
+        if key not in shipped:
+            shipped[key] = ray.put(load_training_data(record.config))
+        return shipped[key]
+
+    pending, started, attempts = {}, {}, {}
+
+    def submit(record: RunRecord) -> None:
+        attempts[record.run_id] = attempts.get(record.run_id, 0) + 1
+        status = store.update_status(record.path, state="running", executor="ray", host=socket.gethostname(),
+                                     pid=os.getpid(), started_at=now(), error=None)
+        state_path = record.path / "state.pt"
+        state = state_path.read_bytes() if state_path.exists() else None
+        ref = task.remote(RunConfig.to_dict(record.config), status, state, data_for(record), threads,
+                          checkpoint_seconds)
+        pending[ref] = record
+        started.setdefault(record.run_id, time.time())
+
+    for record in todo:
+        if on_start:
+            on_start(record)
+        submit(record)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        record = pending.pop(ready[0])
+        attempt = attempts[record.run_id]
+        header = f"--- {now()} ray task, attempt {attempt}"
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayError as exc:
+            # Lost beyond Ray's own retries, or an error outside the run (the run's own errors are
+            # recorded by execute, which does not raise).
+            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            with open(record.path / "log.txt", "a") as f:
+                f.write(f"{header}: {message}\n")
+            result = {"state": "failed", "error": message}
+        else:
+            where = result["host"] + (f" node {result['node']}" if result.get("node") else "")
+            _write_back(record, result, f"{header} on {where} (pid {result['pid']})\n")
+        if result["state"] != "done" and attempt <= retries:
+            submit(record)
+            continue
+        status = read_json(record.path / "status.json", {}) or {}
+        if result["state"] != "done":
+            error = result.get("error") or status.get("error") or "the run failed"
+            store.update_status(record.path, state="failed", error=f"{error} (after {attempt} attempts)",
+                                finished_at=now())
+        outcome = Outcome(record.run_id, result["state"], time.time() - started[record.run_id],
+                          None if result["state"] == "done" else (read_json(record.path / "status.json", {}) or {}).get("error"))
+        store.write_summary_table()
+        if on_finish:
+            on_finish(record, outcome)
+        outcomes.append(outcome)
+    return outcomes

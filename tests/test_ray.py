@@ -1,0 +1,222 @@
+"""The Ray executor on a real two-node cluster on loopback (a head on 127.0.0.2 and a second node on
+127.0.0.3, each with one CPU, started and stopped by the test): the same stored numbers as a local
+run, skip/resume as locally, and a node SIGKILLed mid-grid loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+if os.environ.get("AB_REQUIRE_RAY") != "1":
+    pytest.importorskip("ray")
+
+GRID = """name = "raytiny"
+[base.data]
+n_train = 120
+n_test = 30
+[base.model]
+latent_dim = 4
+hidden = 16
+[base.train]
+epochs = {epochs}
+batch_size = 40
+eval_every = 2
+[axes]
+"family.name" = ["amortized", "factorized", "constant"]
+"family.width" = [2, 8]
+"""
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            if marker in _cmdline(int(entry.name)):
+                pids.append(int(entry.name))
+    return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+class LoopbackCluster:
+    """Two Ray nodes on this machine, told apart by their IP addresses; stopped by killing every process
+    that carries this cluster's private temp folder in its command line (never anyone else's Ray)."""
+
+    def __init__(self):
+        self.temp = tempfile.mkdtemp(prefix="abray", dir="/tmp")  # short: Ray's socket paths are length-capped
+        self.port = _free_port("127.0.0.2")
+        self.address = f"127.0.0.2:{self.port}"
+        ray_bin = Path(sys.executable).parent / "ray"
+        self.ray = str(ray_bin) if ray_bin.exists() else shutil.which("ray")
+        # Ray >= 2.60 insists on token auth off a single node; older versions ignore these variables.
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+
+    def _start(self, *args):
+        proc = subprocess.run([self.ray, "start", *args, "--num-cpus=1", "--disable-usage-stats"],
+                              env=self.env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def start(self):
+        self._start("--head", "--node-ip-address=127.0.0.2", f"--port={self.port}", f"--temp-dir={self.temp}",
+                    "--include-dashboard=false", f"--ray-client-server-port={_free_port('127.0.0.2')}")
+        self._start(f"--address={self.address}", "--node-ip-address=127.0.0.3")
+        return self
+
+    def second_node_pids(self) -> list[int]:
+        """The second node's processes (raylet, its helpers) and their descendants: the raylet's workers
+        retitle themselves ("ray::execute_task"), so they are found through their parent."""
+        roots = [p for p in _pids_with(self.temp) if "127.0.0.3" in _cmdline(p)]
+        family, frontier = set(roots), list(roots)
+        parents = _parents()
+        while frontier:
+            pid = frontier.pop()
+            for child, parent in parents.items():
+                if parent == pid and child not in family:
+                    family.add(child)
+                    frontier.append(child)
+        return sorted(family)
+
+    def stop(self):
+        _kill(_pids_with(self.temp))
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    c = LoopbackCluster().start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _cli(*args, env=None, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "amortized_bayes", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    return proc
+
+
+def _numbers(run_dir: Path) -> tuple:
+    """Everything a run stores that is not a wall time: eval records and per-step -ELBO estimates."""
+    evals = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    evals = [{k: v for k, v in e.items() if "seconds" not in k and "time" not in k} for e in evals]
+    steps = [line.split(",")[:3] for line in (run_dir / "steps.csv").read_text().splitlines()]
+    return evals, steps
+
+
+def test_ray_grid_equals_local_and_skips_finished_runs(cluster, tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(epochs=4))
+    env = {**cluster.env}
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    proc = _cli("run", grid, "--out", local, "--workers", "1", "--threads", "1", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _cli("run", grid, "--out", remote, "--executor", "ray", "--address", cluster.address, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 to run as Ray tasks" in proc.stdout
+    ids = sorted(p.name for p in (local / "runs").iterdir())
+    assert ids == sorted(p.name for p in (remote / "runs").iterdir()) and len(ids) == 4
+    for rid in ids:
+        assert _numbers(local / "runs" / rid) == _numbers(remote / "runs" / rid), rid
+        status = json.loads((remote / "runs" / rid / "status.json").read_text())
+        assert status["state"] == "done" and (remote / "runs" / rid / "model.pt").exists()
+        assert "ray task, attempt 1" in (remote / "runs" / rid / "log.txt").read_text()
+    # Both nodes did work.
+    logs = " ".join((remote / "runs" / rid / "log.txt").read_text() for rid in ids)
+    assert "127.0.0.2" in logs and "127.0.0.3" in logs
+    # A second invocation finds everything done and touches nothing.
+    mtimes = {p: p.stat().st_mtime_ns for p in (remote / "runs").rglob("*") if p.is_file()}
+    proc = _cli("run", grid, "--out", remote, "--executor", "ray", "--address", cluster.address, env=env)
+    assert proc.returncode == 0 and "4 already done, 0 to run" in proc.stdout, proc.stdout + proc.stderr
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (remote / "runs").rglob("*") if p.is_file()}
+    # The report works on the Ray-filled folder as on a local one.
+    assert _cli("report", remote, env=env).returncode == 0
+    # A run that keeps failing (its loss overflows) is retried, then recorded as failed; the others go on.
+    bad = tmp_path / "bad"
+    proc = _cli("run", grid, "--out", bad, "--executor", "ray", "--address", cluster.address, "--retries", "1",
+                "--set", "train.lr=1e30", "--set", "family.name=amortized,constant", "--set", "family.width=2",
+                env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    states = {p.name: json.loads((p / "status.json").read_text()) for p in (bad / "runs").iterdir()}
+    failed = [s for s in states.values() if s["state"] == "failed"]
+    assert failed and all("after 2 attempts" in s["error"] and "nan" in s["error"].lower() for s in failed), states
+    for name, status in states.items():
+        log = (bad / "runs" / name / "log.txt").read_text()
+        assert ("attempt 2" in log) == (status["state"] == "failed"), (name, log)
+
+
+def test_killing_a_worker_node_mid_grid_loses_no_run(cluster, tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(epochs=60))
+    out = tmp_path / "ray"
+    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
+                               "--executor", "ray", "--address", cluster.address],
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Wait until the second node is executing a run, then kill that node outright.
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if any("ray::execute_task" in _cmdline(p) for p in cluster.second_node_pids()):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the second node never ran a task")
+        _kill(cluster.second_node_pids())
+        killed_at = time.time()
+        stdout, _ = driver.communicate(timeout=900)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stdout
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 4
+    for run in runs:
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "done", (run.name, status)
+        evals = (run / "evals.jsonl").read_text().splitlines()
+        assert len(evals) == len({json.loads(e)["epoch"] for e in evals})  # each eval stored once
+    summary = (out / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 4
+    assert time.time() > killed_at
