@@ -90,8 +90,17 @@ class LoopbackCluster:
         ray_bin = Path(sys.executable).parent / "ray"
         self.ray = str(ray_bin) if ray_bin.exists() else shutil.which("ray")
         # Ray >= 2.60 insists on token auth off a single node; older versions ignore these variables.
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+        self.driver_env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+        # The nodes have an empty cache of their own, no network, and MNIST in a "shared folder" (a link
+        # to the driver's verified copy) that a test can take away.
+        from amortized_bayes.paths import data_cache_dir
+
+        self.shared = Path(self.temp) / "shared"
+        self.shared.mkdir()
+        (self.shared / "mnist").symlink_to(data_cache_dir("mnist"), target_is_directory=True)
+        self.env = {**self.driver_env, "AMORTIZED_BAYES_CACHE": str(Path(self.temp) / "nodecache"),
+                    "AMORTIZED_BAYES_OFFLINE": "1", "AMORTIZED_BAYES_DATA": str(self.shared)}
 
     def _start(self, *args):
         proc = subprocess.run([self.ray, "start", *args, "--num-cpus=1", "--disable-usage-stats"],
@@ -149,7 +158,7 @@ def _numbers(run_dir: Path) -> tuple:
 def test_ray_grid_equals_local_and_skips_finished_runs(cluster, tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(epochs=4))
-    env = {**cluster.env}
+    env = cluster.driver_env
     local, remote = tmp_path / "local", tmp_path / "ray"
     proc = _cli("run", grid, "--out", local, "--workers", "1", "--threads", "1", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -187,13 +196,29 @@ def test_ray_grid_equals_local_and_skips_finished_runs(cluster, tmp_path):
         assert ("attempt 2" in log) == (status["state"] == "failed"), (name, log)
 
 
+def test_nodes_without_data_fail_clearly_unless_the_driver_ships_it(cluster, tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(epochs=2))
+    (cluster.shared / "mnist").rename(cluster.shared / "gone")  # the nodes can no longer find MNIST
+    args = ["run", grid, "--out", tmp_path / "out", "--executor", "ray", "--address", cluster.address,
+            "--retries", "0", "--set", "family.name=factorized"]
+    proc = _cli(*args, env=cluster.driver_env)
+    assert proc.returncode == 1
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "mnist" in status["error"].lower(), status
+    proc = _cli(*args, "--ship-data", env=cluster.driver_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+
+
 def test_killing_a_worker_node_mid_grid_loses_no_run(cluster, tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(epochs=60))
     out = tmp_path / "ray"
     driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
                                "--executor", "ray", "--address", cluster.address],
-                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=cluster.driver_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Wait until the second node is executing a run, then kill that node outright.
         deadline = time.time() + 180
