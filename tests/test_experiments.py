@@ -109,11 +109,13 @@ def test_every_preset_expands_to_valid_runs():
         runs = grid.expand()
         assert runs and len({run_id(r) for r in runs}) == len(runs)
     paper = PRESETS["paper"].expand()
-    assert len(paper) == 2 * 6 * 10
+    assert len(paper) == 2 * 7 * 10  # the paper's six families and SA-VI, two datasets, ten seeds
+    assert sum(r.family.name == "semi-amortized" for r in paper) == 2 * 10
     c = paper[0]
     assert (c.data.n_train, c.train.batch_size, c.train.batches, c.objective.local_terms, c.train.epochs) == \
         (10_000, 1000, "fixed", "all", 5000)
-    assert {r.objective.kind for r in PRESETS["replicate-2024"].expand()} == {"legacy-2024"}
+    replicate = PRESETS["replicate-2024"].expand()
+    assert {r.objective.kind for r in replicate} == {"legacy-2024"} and len(replicate) == 2 * 6 * 10
 
 
 def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_path):
