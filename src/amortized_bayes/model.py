@@ -84,7 +84,7 @@ class BayesianDecoder(nn.Module):
         n_layers = len(self.layer_sizes)
         for layer in range(n_layers):
             weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
-            if weight.shape[0] == 1 and h.shape[0] != 1:
+            if weight.shape[0] == 1:  # one theta for every z: a plain matrix product (and mm backward)
                 h = torch.addmm(bias[0], h.reshape(-1, h.shape[-1]), weight[0].T).reshape(*h.shape[:-1], -1)
             else:
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from . import densities as dens
 from .config import ObjectiveConfig
@@ -54,6 +55,15 @@ def log_likelihood(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, l
     if model.config.likelihood == "bernoulli":
         return dens.bernoulli_log_likelihood(x, out)
     return dens.gaussian_log_likelihood(x, out, model.config.obs_var)
+
+
+def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
+    """``log_likelihood(...).sum()`` over draws and images (a scalar), with the fused kernels."""
+    if legacy:
+        return dens.legacy_log_likelihood(x, out).sum()
+    if model.config.likelihood == "bernoulli":
+        return -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="sum")
+    return dens.gaussian_log_likelihood_total(x, out, model.config.obs_var)
 
 
 def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +160,7 @@ def objective_terms(
         z, eps = draw_z(mu, ls, S, generator)
         lp, ent = local_terms(mu, ls, z, eps, config.estimator, legacy)
         log_prior_z, entropy_z = lp * (num_data / B), ent * (num_data / B)
-    ll = log_likelihood(model, x_batch, model.decode(z, theta), legacy).sum() / S * (num_data / B)
+    ll = log_likelihood_total(model, x_batch, model.decode(z, theta), legacy) / S * (num_data / B)
     log_prior_theta, entropy_theta = theta_terms(model, theta, config.estimator, legacy)
     return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
 

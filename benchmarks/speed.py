@@ -1,0 +1,255 @@
+"""One training step of every family: this tool vs the same model in Pyro vs the matmul floor.
+
+    pip install -e '.[bench]'                 # Pyro, for the comparison only
+    python benchmarks/speed.py                # N = 10,000 full batch, and B = 1,000 minibatches
+    python benchmarks/speed.py --n 2000 --steps 5 --no-scaling     # a quick look
+
+In one process and one run, for each case, round after round (so that machine drift hits every
+entry alike), it times one step of:
+
+* **tool**: the trainer's own step (``negative_elbo`` + backward + optimiser step) of every family,
+  the default model (d = 64, H = 256, depth 2, Gaussian likelihood), the default objective (``mc``,
+  1 draw, local terms of the batch);
+* **pyro**: ``benchmarks/pyro_model.py``, ``SVI.step`` with ``Trace_ELBO`` (the same estimator),
+  for A-VI, F-VI and constant-VI (Pyro has no SA-VI);
+* **floor**: the matrix products of one step alone (decoder forward, and for each layer the
+  products of the backward pass; the encoder's as well for amortized families), on the same shapes.
+
+Before timing it checks that the two implementations compute the same ELBO at equal parameters
+(Pyro's parameters copied into the tool; means over many draws agree within Monte Carlo error).
+Reports the median step time, ratios tool/floor and pyro/tool, peak memory allocated during one step
+(torch's profiler), and F-VI's time per epoch at N = 10k, 30k, 60k (``--no-scaling`` skips it).
+``--json FILE`` keeps the raw timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler (memory figures) quiet; before torch
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from step_time import FAMILIES, Stepper  # noqa: E402
+
+from amortized_bayes.config import DataConfig, FamilyConfig, RunConfig, TrainConfig  # noqa: E402
+from amortized_bayes.data import load_split  # noqa: E402
+from amortized_bayes.meta import machine_description  # noqa: E402
+from amortized_bayes.objectives import negative_elbo  # noqa: E402
+from amortized_bayes.training import build  # noqa: E402
+
+PYRO_FAMILIES = {"A-VI k=1": ("amortized", 1), "A-VI k=64": ("amortized", 64), "A-VI k=128": ("amortized", 128),
+                 "A-VI k=256": ("amortized", 256), "F-VI": ("factorized", 0), "constant-VI": ("constant", 0)}
+
+
+class PyroStepper:
+    def __init__(self, family: str, width: int, x: torch.Tensor, batch_size: int | None, seed: int = 0):
+        import pyro
+        import pyro_model as pm
+
+        pyro.set_rng_seed(seed)
+        self.n = x.shape[0]
+        self.model = pm.BayesianVAE(self.n, name=f"{family}{width}b{batch_size or 0}")
+        self.guide = pm.make_guide(self.model, family, width)
+        self.svi = pm.make_svi(self.model, self.guide)
+        self.x, self.batch_size = x, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches: list[torch.Tensor] = []
+
+    def step(self) -> float:
+        if not self.batches:
+            perm = torch.randperm(self.n, generator=self.generator)
+            size = self.batch_size or self.n
+            self.batches = list(perm.split(size))
+        rows = self.batches.pop()
+        start = time.perf_counter()
+        self.svi.step(self.x[rows], rows)
+        return time.perf_counter() - start
+
+
+def _linear_shapes(sizes: list[int]) -> list[tuple[int, int]]:
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+class FloorStepper:
+    """The matrix products of one step on the same shapes, and nothing else: forward a @ W^T per layer;
+    backward grad_out^T @ a (weight gradient) and grad_out @ W (input gradient, where one is needed)."""
+
+    def __init__(self, family: FamilyConfig, rows: int, d: int = 64, hidden: int = 256, data_dim: int = 784):
+        g = torch.Generator().manual_seed(0)
+        decoder = _linear_shapes([d, hidden, hidden, data_dim])
+        layers = [(a, b, True) for a, b in decoder]  # z's gradient is needed by every family
+        if family.name in ("amortized", "semi-amortized"):
+            k = family.width
+            layers += [(data_dim, k, False), (k, k, True), (k, 2 * d, True)]  # both heads as one product
+        self.ops = []
+        for fan_in, fan_out, input_grad in layers:
+            a = torch.randn(rows, fan_in, generator=g)
+            w = torch.randn(fan_out, fan_in, generator=g)
+            grad = torch.randn(rows, fan_out, generator=g)
+            self.ops.append((a, w, grad, input_grad))
+        self.refine = family.refine_steps if family.name == "semi-amortized" else 0
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        for _ in range(1 + 2 * self.refine):  # SA-VI: each refinement step is another pass and its backward
+            for a, w, grad, input_grad in self.ops[:3]:
+                torch.mm(a, w.T)
+                torch.mm(grad.T, a)
+                if input_grad:
+                    torch.mm(grad, w)
+        for a, w, grad, input_grad in self.ops[3:]:
+            torch.mm(a, w.T)
+            torch.mm(grad.T, a)
+            if input_grad:
+                torch.mm(grad, w)
+        return time.perf_counter() - start
+
+
+def peak_step_memory(step) -> int:
+    """Peak bytes allocated by torch (CPU) during one call of ``step``, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
+    """-ELBO of both implementations at equal parameters (Pyro's copied into the tool): mean over
+    ``draws`` single-draw estimates each, and the difference in standard errors."""
+    import pyro
+    import pyro_model as pm
+
+    n = x.shape[0]
+    idx = torch.arange(n)
+    out = {}
+    for label, (family, width) in (("A-VI k=64", ("amortized", 64)), ("F-VI", ("factorized", 0)),
+                                   ("constant-VI", ("constant", 0))):
+        pyro.set_rng_seed(0)
+        model = pm.BayesianVAE(n, name=f"check{family}")
+        guide = pm.make_guide(model, family, max(width, 1))
+        guide(x, idx)
+        config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=FamilyConfig(name=family, width=max(width, 1)),
+                           train=TrainConfig(batch_size=None))
+        tool_model, tool_family = build(config, n)
+        pm.copy_into_tool(guide, family, tool_model, tool_family)
+        g = torch.Generator().manual_seed(1)
+        loss = pyro.infer.Trace_ELBO()
+        with torch.no_grad():
+            ours = torch.tensor([float(negative_elbo(tool_model, tool_family, x, idx, num_data=n,
+                                                     config=config.objective, generator=g)) for _ in range(draws)])
+            theirs = torch.tensor([loss.loss(model, guide, x, idx) for _ in range(draws)], dtype=torch.float64)
+        se = math.sqrt(float(ours.var()) / draws + float(theirs.var()) / draws)
+        out[label] = {"tool": float(ours.mean()), "pyro": float(theirs.mean()), "z": float(ours.mean() - theirs.mean()) / se}
+    return out
+
+
+def run_case(x, batch_size, steps, warmup, with_pyro: bool):
+    entries = {}
+    for name, fam in FAMILIES:
+        entries[("tool", name)] = Stepper(fam, x, batch_size, "batch")
+        entries[("floor", name)] = FloorStepper(fam, batch_size or x.shape[0])
+        if with_pyro and name in PYRO_FAMILIES:
+            entries[("pyro", name)] = PyroStepper(*PYRO_FAMILIES[name], x, batch_size)
+    for _ in range(warmup):
+        for e in entries.values():
+            e.step()
+    times = {key: [] for key in entries}
+    for _ in range(steps):
+        for key, e in entries.items():
+            times[key].append(e.step())
+    memory = {key: peak_step_memory(e.step) for key, e in entries.items() if key[0] != "floor"}
+    return times, memory
+
+
+def fvi_scaling(sizes, steps: int, batch: int) -> dict:
+    """F-VI seconds per epoch (minibatches of ``batch``) at each N: linear in N means constant per image."""
+    out = {}
+    for n in sizes:
+        x = load_split("mnist", "train", n=n).images
+        s = Stepper(FamilyConfig(name="factorized"), x, batch, "batch")
+        for _ in range(2):
+            s.step()
+        t = [s.step() for _ in range(steps)]
+        out[n] = statistics.median(t) * math.ceil(n / batch)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=10_000, help="training images (default 10,000)")
+    parser.add_argument("--batch", type=int, default=1_000, help="minibatch size of the second case")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per entry and case")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-pyro", action="store_true", help="skip Pyro (when the bench extra is absent)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip F-VI's 10k/30k/60k epoch times")
+    parser.add_argument("--json", default=None, help="write raw timings here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with_pyro = not args.no_pyro
+    if with_pyro:
+        try:
+            import pyro  # noqa: F401
+        except ImportError:
+            raise SystemExit("Pyro is not installed: pip install -e '.[bench]' (or pass --no-pyro)") from None
+    x = load_split("mnist", "train", n=args.n).images
+    meta = machine_description()
+    print(f"machine: {platform.processor() or platform.machine()}, {meta['cpu_count']} cores, torch {meta['torch']} "
+          f"with {torch.get_num_threads()} threads; {args.steps} timed steps after {args.warmup} warm-up, "
+          "interleaved; median ms per step\n")
+    report = {"meta": meta, "args": vars(args), "cases": {}}
+    if with_pyro:
+        agreement = elbo_agreement(x[:200])
+        report["elbo_agreement"] = agreement
+        print("ELBO at equal parameters (200 images, mean of 200 single-draw estimates of -ELBO):")
+        for label, a in agreement.items():
+            print(f"  {label}: tool {a['tool']:.1f}, Pyro {a['pyro']:.1f}, difference {a['z']:+.2f} standard errors")
+        print()
+    for label, batch in ((f"N = {args.n:,} full batch", None), (f"B = {args.batch:,} minibatches", args.batch)):
+        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro)
+        report["cases"][label] = {"seconds": {f"{k[0]}/{k[1]}": v for k, v in times.items()},
+                                  "peak_bytes": {f"{k[0]}/{k[1]}": v for k, v in memory.items()}}
+        med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+        print(f"### {label}\n")
+        print("| family | tool (ms) | floor (ms) | tool / floor | Pyro (ms) | Pyro / tool | tool peak MB | Pyro peak MB |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, _ in FAMILIES:
+            t, f = med[("tool", name)], med[("floor", name)]
+            p = med.get(("pyro", name))
+            mem_t = memory[("tool", name)] / 2**20
+            mem_p = memory.get(("pyro", name))
+            print(f"| {name} | {t:.1f} | {f:.1f} | {t / f:.2f} | " + (f"{p:.1f} | {p / t:.2f}" if p else "- | -")
+                  + f" | {mem_t:.0f} | " + (f"{mem_p / 2**20:.0f}" if mem_p else "-") + " |")
+        print()
+    if not args.no_scaling:
+        sizes = (10_000, 30_000, 60_000)
+        scaling = fvi_scaling(sizes, max(5, args.steps // 3), args.batch)
+        report["fvi_epoch_seconds"] = scaling
+        base = scaling[sizes[0]] / sizes[0]
+        print(f"F-VI seconds per epoch (B = {args.batch:,}): " + ", ".join(
+            f"N = {n:,}: {s:.2f} s ({s / n / base:.2f}x the per-image cost at 10k)" for n, s in scaling.items()))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
