@@ -245,3 +245,39 @@ def test_killing_a_worker_node_mid_grid_loses_no_run(cluster, tmp_path):
     summary = (out / "summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 4
     assert time.time() > killed_at
+
+
+def test_a_killed_driver_resumes_from_the_checkpoints_its_tasks_streamed_back(cluster, tmp_path):
+    """Checkpoints reach the driver's store while a task runs; after the driver is SIGKILLed, a new
+    driver resumes the run from there and ends with the numbers of an uninterrupted local run."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(epochs=400))
+    args = ["run", str(grid), "--set", "family.name=factorized", "--checkpoint-every", "0.5"]
+    out = tmp_path / "ray"
+    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", *args, "--out", str(out), "--executor", "ray",
+                               "--address", cluster.address], env=cluster.driver_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            states = list(out.glob("runs/*/state.pt"))
+            if states and json.loads((states[0].parent / "status.json").read_text()).get("epochs_done", 0) >= 20:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("no checkpoint reached the driver's store")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    (run,) = (out / "runs").iterdir()
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # as the killed driver left it
+    proc = _cli(*args, "--out", out, "--executor", "ray", "--address", cluster.address, env=cluster.driver_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and status["resumed"] is True, status
+    assert not (run / "state.pt").exists()
+    local = tmp_path / "local"
+    assert _cli(*args, "--out", local, "--threads", "1", env=cluster.driver_env).returncode == 0
+    assert _numbers(run) == _numbers(local / "runs" / run.name)

@@ -8,7 +8,9 @@ local run and ``report``/``gap``/``status`` work unchanged. Nodes need no shared
 Failures: a task lost with its node (or its worker process) is resubmitted by Ray itself
 (``max_retries``); a run that fails (an error, a NaN) is resubmitted by the driver from the training
 state it returned, up to ``retries`` more attempts, then recorded as failed while the grid goes on.
-Finished runs are on the driver's disk as soon as their task returns, so losing a node later loses none.
+Finished runs are on the driver's disk as soon as their task returns, so losing a node later loses none;
+while a run trains, its checkpoints are forwarded to the driver's store (through a small actor on the
+driver's node), so a run resumes from its last checkpoint after its driver is killed, as locally.
 
 Data: by default each task loads its data through the data layer on its node, which fetches and
 verifies into that node's cache (or reads a shared folder set with ``AMORTIZED_BAYES_DATA``);
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,10 +51,54 @@ def import_ray():
     return ray
 
 
+class _CheckpointForwarder(threading.Thread):
+    """Inside a task: sends each new training checkpoint (and the status beside it) of the scratch run
+    folder to the driver's :class:`CheckpointSink`, so that a run whose task is lost, or whose driver
+    is killed, resumes from its last checkpoint, as a local run does."""
+
+    def __init__(self, run_dir: Path, sink, run_id: str, period: float = 1.0):
+        super().__init__(daemon=True)
+        self.run_dir, self.sink, self.run_id, self.period = run_dir, sink, run_id, period
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        seen = None
+        while not self.done.wait(self.period):
+            path = self.run_dir / "state.pt"
+            try:
+                stamp = path.stat().st_mtime_ns
+                if stamp == seen:
+                    continue
+                state, status = path.read_bytes(), (self.run_dir / "status.json").read_bytes()
+            except OSError:
+                continue  # not written yet, or replaced while reading: next time
+            seen = stamp
+            try:
+                self.sink.put.remote(self.run_id, state, status)
+            except Exception:  # noqa: BLE001 - forwarding is best effort; the run goes on
+                pass
+
+
+class CheckpointSink:
+    """A Ray actor on the driver's node holding the latest checkpoint of each running run until the
+    driver writes it into the store."""
+
+    def __init__(self):
+        self.latest: dict[str, tuple[bytes, bytes]] = {}
+
+    def put(self, run_id: str, state: bytes, status: bytes) -> None:
+        self.latest[run_id] = (state, status)
+
+    def drain(self) -> dict[str, tuple[bytes, bytes]]:
+        out, self.latest = self.latest, {}
+        return out
+
+
 def execute_task(config: dict, status: dict, state: bytes | None, data, threads: int,
-                 checkpoint_seconds: float) -> dict:
+                 checkpoint_seconds: float, sink=None) -> dict:
     """The body of one Ray task (also callable directly): run ``config`` in a scratch results folder,
-    starting from ``state`` (a training checkpoint) when given, and return its files."""
+    starting from ``state`` (a training checkpoint) when given, forwarding checkpoints to ``sink``
+    (a :class:`CheckpointSink` actor) when given, and return the run's files."""
     from ..config import RunConfig
     from .store import write_json
     from .worker import execute
@@ -61,9 +109,17 @@ def execute_task(config: dict, status: dict, state: bytes | None, data, threads:
         write_json(record.path / "status.json", {k: v for k, v in status.items() if k != "state"})
         if state is not None:
             atomic_write_bytes(record.path / "state.pt", state)
+        forwarder = _CheckpointForwarder(record.path, sink, record.run_id) if sink is not None else None
+        if forwarder is not None:
+            forwarder.start()
         log = io.StringIO()
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            final = execute(record.path, threads=threads, checkpoint_seconds=checkpoint_seconds, data=data)
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                final = execute(record.path, threads=threads, checkpoint_seconds=checkpoint_seconds, data=data)
+        finally:
+            if forwarder is not None:
+                forwarder.done.set()
+                forwarder.join()
         (record.path / "log.txt").write_text(log.getvalue())
         files = {name: (record.path / name).read_bytes() for name in RUN_FILES if (record.path / name).exists()}
     return {"state": final, "host": socket.gethostname(), "node": _node_ip(), "pid": os.getpid(), "files": files}
@@ -90,6 +146,34 @@ def _write_back(record: RunRecord, result: dict, attempt_log: str) -> None:
         f.write(attempt_log.encode() + log)
 
 
+def _make_sink(ray):
+    """The checkpoint sink, placed on the driver's node when the driver is on one (else anywhere)."""
+    actor = ray.remote(num_cpus=0)(CheckpointSink)
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        actor = actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+    except Exception:  # noqa: BLE001 - placement is an optimisation only
+        pass
+    return actor.remote()
+
+
+def _store_checkpoints(ray, sink, records: dict[str, RunRecord], running: set[str]) -> None:
+    """Write the checkpoints forwarded since the last call into the store (runs still in flight only)."""
+    try:
+        latest = ray.get(sink.drain.remote(), timeout=30)
+    except Exception:  # noqa: BLE001 - a lost sink costs resumability, not results
+        return
+    for run_id, (state, status) in latest.items():
+        if run_id in running and run_id in records:
+            path = records[run_id].path
+            atomic_write_bytes(path / "state.pt", state)
+            progress = {k: v for k, v in json.loads(status).items() if k in ("epochs_done", "steps_done",
+                                                                               "train_seconds", "updated_at")}
+            ResultStore(path.parent.parent).update_status(path, **progress)
+
+
 def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None = None, threads: int = 1,
             gpus: float = 0.0, checkpoint_seconds: float = 120.0, retries: int = 2, ship_data: bool = False,
             on_start: Callable[[RunRecord], None] | None = None,
@@ -105,6 +189,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  configure_logging=True)
     task = ray.remote(execute_task).options(num_cpus=threads, num_gpus=gpus, max_retries=max(0, retries))
+    sink = _make_sink(ray)
     busy = {r.run_id for r in records if r.alive}
     todo = [r for r in records if r.state != "done" and r.run_id not in busy]
     outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]
@@ -131,7 +216,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         state_path = record.path / "state.pt"
         state = state_path.read_bytes() if state_path.exists() else None
         ref = task.remote(RunConfig.to_dict(record.config), status, state, data_for(record), threads,
-                          checkpoint_seconds)
+                          checkpoint_seconds, sink)
         pending[ref] = record
         started.setdefault(record.run_id, time.time())
 
@@ -139,8 +224,12 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         if on_start:
             on_start(record)
         submit(record)
+    by_id = {r.run_id: r for r in todo}
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        _store_checkpoints(ray, sink, by_id, {r.run_id for r in pending.values()})
+        if not ready:
+            continue
         record = pending.pop(ready[0])
         attempt = attempts[record.run_id]
         header = f"--- {now()} ray task, attempt {attempt}"
