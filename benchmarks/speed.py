@@ -12,6 +12,8 @@ entry alike), it times one step of:
   1 draw, local terms of the batch);
 * **pyro**: ``benchmarks/pyro_model.py``, ``SVI.step`` with ``Trace_ELBO`` (the same estimator),
   for A-VI, F-VI and constant-VI (Pyro has no SA-VI);
+* **compiled** (``--compile``): the tool's step with its objective under ``torch.compile``, for
+  A-VI k=64 and F-VI;
 * **floor**: the matrix products of one step alone (decoder forward, and for each layer the
   products of the backward pass; the encoder's as well for amortized families), on the same shapes.
 
@@ -50,6 +52,36 @@ from amortized_bayes.training import build  # noqa: E402
 
 PYRO_FAMILIES = {"A-VI k=1": ("amortized", 1), "A-VI k=64": ("amortized", 64), "A-VI k=128": ("amortized", 128),
                  "A-VI k=256": ("amortized", 256), "F-VI": ("factorized", 0), "constant-VI": ("constant", 0)}
+
+
+class CompiledStepper(Stepper):
+    """The tool's step with the objective wrapped in ``torch.compile`` (default inductor backend);
+    compilation happens during warm-up."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss = torch.compile(self._loss)
+
+    def _loss(self, xb, rows, x_all):
+        return negative_elbo(self.model, self.family, xb, rows, num_data=self.n, config=self.config.objective,
+                             generator=self.generator, x_all=x_all)
+
+    def step(self) -> float:
+        from amortized_bayes.training import batch_schedule
+
+        if not self.batches:
+            self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
+        rows = self.batches.pop()
+        start = time.perf_counter()
+        for opt in self.optimisers:
+            opt.zero_grad(set_to_none=True)
+        self.loss(self.x[rows], rows, self.x_all).backward()
+        for opt in self.optimisers:
+            opt.step()
+        return time.perf_counter() - start
+
+
+COMPILED = ("A-VI k=64", "F-VI")
 
 
 class PyroStepper:
@@ -160,10 +192,12 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
     return out
 
 
-def run_case(x, batch_size, steps, warmup, with_pyro: bool):
+def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool = False):
     entries = {}
     for name, fam in FAMILIES:
         entries[("tool", name)] = Stepper(fam, x, batch_size, "batch")
+        if with_compile and name in COMPILED:
+            entries[("compiled", name)] = CompiledStepper(fam, x, batch_size, "batch")
         entries[("floor", name)] = FloorStepper(fam, batch_size or x.shape[0])
         if with_pyro and name in PYRO_FAMILIES:
             entries[("pyro", name)] = PyroStepper(*PYRO_FAMILIES[name], x, batch_size)
@@ -174,7 +208,7 @@ def run_case(x, batch_size, steps, warmup, with_pyro: bool):
     for _ in range(steps):
         for key, e in entries.items():
             times[key].append(e.step())
-    memory = {key: peak_step_memory(e.step) for key, e in entries.items() if key[0] != "floor"}
+    memory = {key: peak_step_memory(e.step) for key, e in entries.items() if key[0] in ("tool", "pyro")}
     return times, memory
 
 
@@ -200,6 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-pyro", action="store_true", help="skip Pyro (when the bench extra is absent)")
     parser.add_argument("--no-scaling", action="store_true", help="skip F-VI's 10k/30k/60k epoch times")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time the step with torch.compile on the objective ({', '.join(COMPILED)})")
     parser.add_argument("--json", default=None, help="write raw timings here")
     args = parser.parse_args()
     if args.threads:
@@ -224,7 +260,7 @@ def main() -> None:
             print(f"  {label}: tool {a['tool']:.1f}, Pyro {a['pyro']:.1f}, difference {a['z']:+.2f} standard errors")
         print()
     for label, batch in ((f"N = {args.n:,} full batch", None), (f"B = {args.batch:,} minibatches", args.batch)):
-        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro)
+        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro, args.compile)
         report["cases"][label] = {"seconds": {f"{k[0]}/{k[1]}": v for k, v in times.items()},
                                   "peak_bytes": {f"{k[0]}/{k[1]}": v for k, v in memory.items()}}
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -238,6 +274,10 @@ def main() -> None:
             mem_p = memory.get(("pyro", name))
             print(f"| {name} | {t:.1f} | {f:.1f} | {t / f:.2f} | " + (f"{p:.1f} | {p / t:.2f}" if p else "- | -")
                   + f" | {mem_t:.0f} | " + (f"{mem_p / 2**20:.0f}" if mem_p else "-") + " |")
+        for name in COMPILED:
+            if ("compiled", name) in med:
+                c = med[("compiled", name)]
+                print(f"{name} with torch.compile: {c:.1f} ms ({c / med[('tool', name)]:.2f}x the plain step)")
         print()
     if not args.no_scaling:
         sizes = (10_000, 30_000, 60_000)
