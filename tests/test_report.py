@@ -159,3 +159,16 @@ def test_report_html_renders_in_headless_chromium_without_console_errors(built, 
     assert title == "amortized-bayes report"
     assert len(sizes) == 4 and all(done and w > 0 and h > 0 for done, w, h in sizes), sizes
     assert errors == []
+
+
+def test_legacy_objective_rows_are_compared_with_the_legacy_f_vi_row(built):
+    """Runs of the legacy-2024 objective carry a suffix in their labels; their A-VI rows must still be
+    compared with F-VI of the same objective (and give the same ratios as the unsuffixed table)."""
+    results = load_results(built)
+    plain = dataset_table(results, "mnist")
+    results.groups["mnist"] = {f"{label} (legacy-2024)": runs for label, runs in results.groups["mnist"].items()}
+    legacy = dataset_table(results, "mnist")
+    assert set(legacy["comparisons"]) == {"A-VI k=16 (legacy-2024)"}
+    assert legacy["comparisons"]["A-VI k=16 (legacy-2024)"]["elbo_ratio"] == plain["comparisons"]["A-VI k=16"]["elbo_ratio"]
+    assert [v["verdict"] for v in legacy["verdicts"]] == ["not testable"] * 2  # k = 16 < 64, as unsuffixed
+    assert [v["verdict"] for v in plain["verdicts"]] == ["not testable"] * 2
