@@ -172,3 +172,20 @@ def test_legacy_objective_rows_are_compared_with_the_legacy_f_vi_row(built):
     assert legacy["comparisons"]["A-VI k=16 (legacy-2024)"]["elbo_ratio"] == plain["comparisons"]["A-VI k=16"]["elbo_ratio"]
     assert [v["verdict"] for v in legacy["verdicts"]] == ["not testable"] * 2  # k = 16 < 64, as unsuffixed
     assert [v["verdict"] for v in plain["verdicts"]] == ["not testable"] * 2
+
+
+def test_report_of_a_folder_kept_without_models(built, tmp_path):
+    """results/ keeps runs without model.pt: the report still builds, with every table, minus the
+    reconstructions (and says so)."""
+    import shutil
+
+    slim = tmp_path / "slim"
+    shutil.copytree(built, slim, ignore=shutil.ignore_patterns("model.pt", "report"))
+    proc = subprocess.run([sys.executable, "-m", "amortized_bayes", "report", str(slim)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md = (slim / "report" / "report.md").read_text()
+    assert "Reconstructions left out" in md and "reconstructions.png" not in md
+    full = (built / "report" / "report.md").read_text()
+    table_lines = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table_lines and table_lines == [line for line in full.splitlines() if line.startswith("| ")]

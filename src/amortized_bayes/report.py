@@ -113,7 +113,12 @@ def build_report(root: str | Path, *, reconstructions_count: int = 8) -> dict[st
         figs = [elbo_curves(results, dataset, figures)[0], mse_curves(results, dataset, figures)[0]]
         if table["tolerance"] is not None:
             figs.append(tolerance_boxes(results, dataset, figures, table)[0])
-        figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
+        # Reconstructions need the fitted models; a folder kept without them (model.pt left out to save
+        # space, as under results/) still gets every table and the other figures.
+        if all((runs[0].path / "model.pt").exists() for runs in results.groups[dataset].values()):
+            figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
+        else:
+            table["note"] = "Reconstructions left out: this folder does not keep the fitted models (model.pt)."
         gaps = gap_table(results, dataset)
         if gaps:
             figs.append(gap_figure(results, dataset, figures, gaps)[0])
@@ -145,6 +150,8 @@ def _markdown(results, sections, out: Path) -> str:
     lines = ["# amortized-bayes report", "", *(_preamble(results)), ""]
     for dataset, table, figs in sections:
         lines += [f"## {dataset}", "", f"Tolerance: {table['metric']} <= {table['tolerance']}", ""]
+        if table.get("note"):
+            lines += [table["note"], ""]
         head, rows = table_rows(table)
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

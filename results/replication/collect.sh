@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Copy the small files of a results folder into the repository: the grid, the summary table, each run's
+# summary.json / evals.jsonl / gap.json, and the report (report.md, figures as PNG). Models and
+# per-step logs stay out.   usage: bash results/replication/collect.sh RESULTS_DIR DEST_DIR
+set -euo pipefail
+src=$1 dest=$2
+mkdir -p "$dest/runs" "$dest/report/figures"
+cp "$src/grid.json" "$src/summary.csv" "$dest/"
+for run in "$src"/runs/*/; do
+  id=$(basename "$run")
+  mkdir -p "$dest/runs/$id"
+  for f in config.json status.json summary.json evals.jsonl steps.csv gap.json; do
+    [ -f "$run/$f" ] && cp "$run/$f" "$dest/runs/$id/"
+  done
+done
+cp "$src/report/report.md" "$dest/report/"
+cp "$src"/report/figures/*.png "$dest/report/figures/"
