@@ -60,25 +60,7 @@ class CompiledStepper(Stepper):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss = torch.compile(self._loss)
-
-    def _loss(self, xb, rows, x_all):
-        return negative_elbo(self.model, self.family, xb, rows, num_data=self.n, config=self.config.objective,
-                             generator=self.generator, x_all=x_all)
-
-    def step(self) -> float:
-        from amortized_bayes.training import batch_schedule
-
-        if not self.batches:
-            self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
-        rows = self.batches.pop()
-        start = time.perf_counter()
-        for opt in self.optimisers:
-            opt.zero_grad(set_to_none=True)
-        self.loss(self.x[rows], rows, self.x_all).backward()
-        for opt in self.optimisers:
-            opt.step()
-        return time.perf_counter() - start
+        self.loss = torch.compile(super().loss)
 
 
 COMPILED = ("A-VI k=64", "F-VI")

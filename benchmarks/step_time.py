@@ -53,6 +53,10 @@ class Stepper:
         self.batches: list[torch.Tensor] = []
         self.x_all = x if local_terms == "all" else None
 
+    def loss(self, xb: torch.Tensor, rows: torch.Tensor, x_all: torch.Tensor | None) -> torch.Tensor:
+        return negative_elbo(self.model, self.family, xb, rows, num_data=self.n, config=self.config.objective,
+                             generator=self.generator, x_all=x_all)
+
     def step(self) -> float:
         if not self.batches:
             self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
@@ -60,9 +64,7 @@ class Stepper:
         start = time.perf_counter()
         for opt in self.optimisers:
             opt.zero_grad(set_to_none=True)
-        loss = negative_elbo(self.model, self.family, self.x[rows], rows, num_data=self.n,
-                             config=self.config.objective, generator=self.generator, x_all=self.x_all)
-        loss.backward()
+        self.loss(self.x[rows], rows, self.x_all).backward()
         for opt in self.optimisers:
             opt.step()
         return time.perf_counter() - start

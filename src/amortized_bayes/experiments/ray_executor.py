@@ -248,13 +248,12 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         if result["state"] != "done" and attempt <= retries:
             submit(record)
             continue
-        status = read_json(record.path / "status.json", {}) or {}
+        error = None
         if result["state"] != "done":
-            error = result.get("error") or status.get("error") or "the run failed"
-            store.update_status(record.path, state="failed", error=f"{error} (after {attempt} attempts)",
-                                finished_at=now())
-        outcome = Outcome(record.run_id, result["state"], time.time() - started[record.run_id],
-                          None if result["state"] == "done" else (read_json(record.path / "status.json", {}) or {}).get("error"))
+            status = read_json(record.path / "status.json", {}) or {}
+            error = f"{result.get('error') or status.get('error') or 'the run failed'} (after {attempt} attempts)"
+            store.update_status(record.path, state="failed", error=error, finished_at=now())
+        outcome = Outcome(record.run_id, result["state"], time.time() - started[record.run_id], error)
         store.write_summary_table()
         if on_finish:
             on_finish(record, outcome)
