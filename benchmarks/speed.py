@@ -47,6 +47,7 @@ from step_time import FAMILIES, Stepper  # noqa: E402
 from amortized_bayes.config import DataConfig, FamilyConfig, RunConfig, TrainConfig  # noqa: E402
 from amortized_bayes.data import load_split  # noqa: E402
 from amortized_bayes.meta import machine_description  # noqa: E402
+from amortized_bayes.runtime import keep_freed_memory  # noqa: E402
 from amortized_bayes.objectives import negative_elbo  # noqa: E402
 from amortized_bayes.training import build  # noqa: E402
 
@@ -60,7 +61,7 @@ class CompiledStepper(Stepper):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss = torch.compile(super().loss)
+        self.loss = torch.compile(negative_elbo)
 
 
 COMPILED = ("A-VI k=64", "F-VI")
@@ -219,9 +220,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help=f"also time the step with torch.compile on the objective ({', '.join(COMPILED)})")
     parser.add_argument("--json", default=None, help="write raw timings here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave the C allocator as it is (the tool's workers keep freed memory for reuse)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        keep_freed_memory()  # what the tool's workers do (amortized_bayes.runtime); every entry runs with it
     with_pyro = not args.no_pyro
     if with_pyro:
         try:

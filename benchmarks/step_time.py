@@ -24,8 +24,8 @@ import torch
 from amortized_bayes.config import DataConfig, FamilyConfig, ObjectiveConfig, RunConfig, TrainConfig
 from amortized_bayes.data import load_split
 from amortized_bayes.meta import machine_description
-from amortized_bayes.objectives import negative_elbo
-from amortized_bayes.training import batch_schedule, build, make_optimisers
+from amortized_bayes.runtime import keep_freed_memory
+from amortized_bayes.training import batch_data, batch_schedule, build, make_optimisers, train_step
 
 FAMILIES = [
     ("A-VI k=1", FamilyConfig(name="amortized", width=1)),
@@ -39,7 +39,8 @@ FAMILIES = [
 
 
 class Stepper:
-    """One family's training state and a closure that performs exactly one trainer step."""
+    """One family's training state and a closure that performs exactly one trainer step
+    (:func:`amortized_bayes.training.train_step` on the batch the trainer would take)."""
 
     def __init__(self, family: FamilyConfig, x: torch.Tensor, batch_size: int | None, local_terms: str):
         n = x.shape[0]
@@ -48,25 +49,25 @@ class Stepper:
                                 train=TrainConfig(batch_size=batch_size))
         self.model, self.family = build(self.config, n)
         self.optimisers = make_optimisers(self.model, self.family, self.config)
+        self.params = [p for opt in self.optimisers for g in opt.param_groups for p in g["params"]]
         self.x, self.n = x, n
         self.generator = torch.Generator().manual_seed(0)
         self.batches: list[torch.Tensor] = []
         self.x_all = x if local_terms == "all" else None
-
-    def loss(self, xb: torch.Tensor, rows: torch.Tensor, x_all: torch.Tensor | None) -> torch.Tensor:
-        return negative_elbo(self.model, self.family, xb, rows, num_data=self.n, config=self.config.objective,
-                             generator=self.generator, x_all=x_all)
+        self.objective = self.config.objective
+        self.loss = None  # set by subclasses to replace the objective (e.g. a compiled one)
 
     def step(self) -> float:
         if not self.batches:
             self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
         rows = self.batches.pop()
         start = time.perf_counter()
-        for opt in self.optimisers:
-            opt.zero_grad(set_to_none=True)
-        self.loss(self.x[rows], rows, self.x_all).backward()
-        for opt in self.optimisers:
-            opt.step()
+        xb, idx = batch_data(self.x, rows)
+        _, bad = train_step(self.model, self.family, self.optimisers, self.params, xb, idx, num_data=self.n,
+                            objective=self.objective, generator=self.generator, x_all=self.x_all,
+                            loss_fn=self.loss)
+        if bad:
+            raise RuntimeError(f"non-finite {bad} in the benchmark step")
         return time.perf_counter() - start
 
 
@@ -90,9 +91,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", default=None, help="write raw timings here")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave the C allocator as it is (the tool's workers keep freed memory for reuse)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.default_malloc:
+        keep_freed_memory()  # what the tool's workers do (amortized_bayes.runtime); every entry runs with it
     x = load_split("mnist", "train", n=args.n).images
     cases = [(f"N = {args.n:,} full batch", None, "batch"),
              (f"B = {args.batch:,}, local terms 'batch'", args.batch, "batch"),

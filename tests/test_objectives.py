@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from amortized_bayes import densities as dens
+from amortized_bayes import objectives
 from amortized_bayes.config import FamilyConfig, ModelConfig, ObjectiveConfig
 from amortized_bayes.families import build_family
 from amortized_bayes.model import BayesianDecoder
@@ -189,3 +190,127 @@ def test_fused_gaussian_log_likelihood_total_matches_the_plain_expression():
     torch.autograd.grad(again, mean, retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):
         torch.autograd.grad(again, mean)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples):
+    """q(theta) is stored flat; its draws, Monte Carlo terms and gradients must be those of the plain
+    per-tensor expressions with the same noise."""
+    model, fam, x = small_setup("amortized")
+    S = num_samples
+    cfg = ObjectiveConfig(estimator="mc", num_samples=S)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    theta = model.sample(S, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    eps = [e.clone() for e in theta.eps]
+    assert all(e.shape == (S, *m.shape) for e, m in zip(eps, model.loc))
+    assert abs(float(torch.cat([e.reshape(-1) for e in eps]).std()) - 1) < 0.25  # standard normal noise
+    locs = [m.detach().clone().requires_grad_(True) for m in model.loc]
+    scales = [s.detach().clone().requires_grad_(True) for s in model.log_scale]
+    values = [m + s.exp() * e for m, s, e in zip(locs, scales, eps)]
+    for got, want in zip(theta.values, values):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    z = torch.randn(S, 5, model.config.latent_dim, generator=g)
+    prior, entropy = objectives.theta_terms(model, theta, "mc", legacy=False)
+    loss = (model.decode(z, theta) ** 2).sum() + prior + entropy
+    loss.backward()
+    ref_prior = sum(dens.standard_normal_log_prob(v, 0.9).sum() for v in values) / S
+    ref_entropy = -sum(dens.normal_log_prob_from_noise(e, s).sum() for e, s in zip(eps, scales)) / S
+    h = z
+    for layer in range(len(values) // 2):
+        h = h @ values[2 * layer].transpose(1, 2) + values[2 * layer + 1][:, None]
+        if layer < len(values) // 2 - 1:
+            h = F.leaky_relu(h, 0.2)
+    ref = (h**2).sum() + ref_prior + ref_entropy
+    ref.backward()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-5, atol=1e-3)
+    for flat_grad, ref_params in ((model.theta_loc.grad, locs), (model.theta_log_scale.grad, scales)):
+        torch.testing.assert_close(flat_grad, torch.cat([p.grad.reshape(-1) for p in ref_params]),
+                                   rtol=1e-4, atol=1e-4)
+    # The analytic terms over the flat vectors equal the per-tensor sums.
+    prior_a, entropy_a = objectives.theta_terms(model, theta, "analytic", legacy=False)
+    want_kl = sum(dens.kl_normal_to_centered(m, s, 0.9).sum() for m, s in zip(model.loc, model.log_scale))
+    torch.testing.assert_close(prior_a + entropy_a, -want_kl)
+
+
+def test_checkpoints_with_per_tensor_theta_still_load():
+    """Models saved before q(theta) was stored flat hold loc.0, loc.1, ... and log_scale.0, ..."""
+    model, _, _ = small_setup("amortized")
+    with torch.no_grad():
+        model.theta_log_scale.uniform_(-3, -1)
+    old_format = {f"loc.{i}": v.detach().clone() for i, v in enumerate(model.loc)}
+    old_format.update({f"log_scale.{i}": v.detach().clone() for i, v in enumerate(model.log_scale)})
+    fresh, _, _ = small_setup("amortized")
+    fresh.load_state_dict(old_format)
+    assert torch.equal(fresh.theta_loc, model.theta_loc)
+    assert torch.equal(fresh.theta_log_scale, model.theta_log_scale)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_fused_theta_terms_and_residual_decoding_match_the_separate_expressions(num_samples):
+    """The training objective's fused paths (theta drawn with its Monte Carlo terms in one autograd node;
+    the Gaussian residual formed inside the last product) against model.sample + theta_terms and
+    decode(z) - x: same values and gradients, in float64, for one and several draws."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(latent_dim=3, hidden=8, depth=2, data_dim=10, obs_var=0.7, prior_scale=0.9, init_log_scale=-1.0)
+    model = BayesianDecoder(cfg).double()
+    with torch.no_grad():
+        model.theta_log_scale.uniform_(-2, 0)
+    x = torch.rand(5, 10, dtype=torch.float64)
+    S = num_samples
+
+    def run(fused: bool, single_theta: bool):
+        model.zero_grad()
+        g = torch.Generator().manual_seed(11)
+        if fused:
+            theta, prior, entropy = objectives.sample_theta_with_terms(model, S, g)
+        else:
+            theta = model.sample(S, g)
+            prior, entropy = objectives.theta_terms(model, theta, "mc", legacy=False)
+        if single_theta:
+            theta = model.draw(theta.flat[:1], None)
+        z = torch.randn(S, 5, 3, generator=g, dtype=torch.float64)
+        if fused:
+            ll = dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), 0.7)
+        else:
+            ll = dens.gaussian_log_likelihood(x, model.decode(z, theta), 0.7).sum()
+        total = ll + prior + entropy
+        total.backward()
+        return [float(t.detach()) for t in (ll, prior, entropy)], model.theta_loc.grad.clone(), model.theta_log_scale.grad.clone()
+
+    for single_theta in (False, True):
+        (v1, gl1, gs1), (v2, gl2, gs2) = run(True, single_theta), run(False, single_theta)
+        assert v1 == pytest.approx(v2, rel=1e-12)
+        torch.testing.assert_close(gl1, gl2, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gs1, gs2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_samples", [1, 4])
+@pytest.mark.parametrize("shared", [False, True])
+def test_fused_local_draws_match_draw_z_and_local_terms(num_samples, shared):
+    """z with its Monte Carlo terms from one node, against draw_z + local_terms (float64), for per-image
+    factors and for one factor expanded over the batch (constant-VI)."""
+    g0 = torch.Generator().manual_seed(2)
+    base_mu = torch.randn(1 if shared else 6, 3, generator=g0, dtype=torch.float64)
+    base_ls = 0.3 * torch.randn(1 if shared else 6, 3, generator=g0, dtype=torch.float64)
+    weights = torch.randn(num_samples, 6, 3, generator=g0, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        mu_p, ls_p = base_mu.clone().requires_grad_(True), base_ls.clone().requires_grad_(True)
+        mu, ls = mu_p.expand(6, 3), ls_p.expand(6, 3)
+        g = torch.Generator().manual_seed(7)
+        if fused:
+            z, lp, ent = objectives.draw_z_with_terms(mu, ls, num_samples, g, "mc", legacy=False)
+        else:
+            z, eps = draw_z(mu, ls, num_samples, g)
+            lp, ent = objectives.local_terms(mu, ls, z, eps, "mc", legacy=False)
+        total = (weights * z).sum() + (z**2).sum() + 1.3 * lp + 0.7 * ent
+        total.backward()
+        results.append((z.detach(), float(lp.detach()), float(ent.detach()), mu_p.grad, ls_p.grad))
+    (z1, lp1, e1, gm1, gs1), (z2, lp2, e2, gm2, gs2) = results
+    torch.testing.assert_close(z1, z2)
+    assert (lp1, e1) == pytest.approx((lp2, e2), rel=1e-12)
+    torch.testing.assert_close(gm1, gm2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs1, gs2, rtol=1e-10, atol=1e-12)

@@ -223,3 +223,68 @@ def test_config_round_trips_through_dict():
 def test_weight_decay_is_explicit_and_refused_with_lazy_fvi():
     with pytest.raises(ValueError, match="weight_decay"):
         fit(config("factorized", batch_size=50, weight_decay=1e-4), TrainingData(torch.rand(200, 784)))
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_lazy_adam_matches_torch_sparse_adam(duplicates):
+    """The trainer's LazyAdam against the reference it replaces (torch.optim.SparseAdam): same values,
+    same state, over steps with distinct rows (the trainer's batches) and with repeated rows."""
+    from amortized_bayes.optim import LazyAdam
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(50, 4, generator=g)
+    ours, ref = torch.nn.Embedding(50, 4, sparse=True), torch.nn.Embedding(50, 4, sparse=True)
+    with torch.no_grad():
+        ours.weight.copy_(init)
+        ref.weight.copy_(init)
+    opt_ours, opt_ref = LazyAdam(ours.parameters(), lr=0.05), torch.optim.SparseAdam(ref.parameters(), lr=0.05)
+    for _ in range(6):
+        rows = torch.randint(0, 50, (20,), generator=g) if duplicates else torch.randperm(50, generator=g)[:20]
+        target = torch.randn(20, 4, generator=g)
+        for emb, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            ((emb(rows) - target) ** 2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(ours.weight, ref.weight, rtol=1e-6, atol=1e-7)
+    s_ours, s_ref = opt_ours.state[ours.weight], opt_ref.state[ref.weight]
+    assert s_ours["step"] == s_ref["step"] == 6
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(s_ours[key], s_ref[key], rtol=1e-6, atol=1e-8)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[s_ref["exp_avg"].abs().sum(1) > 0] = False
+    assert torch.equal(ours.weight[untouched], init[untouched])
+
+
+def test_batch_data_views_consecutive_rows_and_gathers_the_rest():
+    from amortized_bayes.training import batch_data
+
+    x = torch.arange(60.0).reshape(20, 3)
+    whole, idx = batch_data(x, torch.arange(20))
+    assert idx is None and whole.data_ptr() == x.data_ptr()
+    part, idx = batch_data(x, torch.arange(5, 9))
+    assert torch.equal(idx, torch.arange(5, 9)) and torch.equal(part, x[5:9])
+    assert part.data_ptr() == x[5].data_ptr()  # a view, no copy
+    rows = torch.tensor([4, 1, 7])
+    gathered, idx = batch_data(x, rows)
+    assert torch.equal(gathered, x[rows]) and torch.equal(idx, rows)
+
+
+def test_gradient_check_catches_every_non_finite_value_and_only_those():
+    from amortized_bayes.training import _all_finite
+
+    def param(grad):
+        p = torch.nn.Parameter(torch.zeros_like(grad))
+        p.grad = grad
+        return p
+
+    assert _all_finite([param(torch.ones(5)), param(torch.zeros(3, 2))])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = torch.ones(5)
+        g[2] = bad
+        assert not _all_finite([param(torch.ones(3)), param(g)])
+    # +inf and -inf sum to NaN; huge finite values overflow the sum to inf and must still pass.
+    assert not _all_finite([param(torch.tensor([float("inf"), -float("inf")]))])
+    assert _all_finite([param(torch.tensor([3e38, 3e38, 3e38]))])
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 3]]), torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), (5, 2),
+                                     check_invariants=True)
+    assert not _all_finite([param(sparse)])

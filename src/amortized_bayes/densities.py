@@ -30,6 +30,24 @@ def standard_normal_log_prob(value: torch.Tensor, scale: float = 1.0) -> torch.T
     return -0.5 * LOG_2PI - math.log(scale) - 0.5 * (value / scale) ** 2
 
 
+def _sum_of_squares(v: torch.Tensor) -> torch.Tensor:
+    flat = v.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+def standard_normal_log_prob_total(value: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``standard_normal_log_prob(value, scale).sum()`` (a scalar) as one reduction."""
+    const = value.numel() * (0.5 * LOG_2PI + math.log(scale))
+    return -0.5 * _sum_of_squares(value) / scale**2 - const
+
+
+def normal_log_prob_from_noise_total(eps: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """``normal_log_prob_from_noise(eps, log_sigma).sum()`` (a scalar) for eps (S, P) and log_sigma
+    (P,): two reductions instead of elementwise passes over (S, P)."""
+    draws = eps.numel() // log_sigma.numel()
+    return -0.5 * LOG_2PI * eps.numel() - draws * log_sigma.sum() - 0.5 * _sum_of_squares(eps)
+
+
 def kl_normal_to_centered(loc: torch.Tensor, log_sigma: torch.Tensor, prior_scale: float = 1.0) -> torch.Tensor:
     """Elementwise KL( N(loc, exp(log_sigma)^2) || N(0, prior_scale^2) ) in nats."""
     var_ratio = torch.exp(2.0 * log_sigma) / prior_scale**2
@@ -48,14 +66,13 @@ def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, obs_var: float)
     return -0.5 * d * (LOG_2PI + math.log(obs_var)) - 0.5 * sq / obs_var
 
 
-class _GaussianLogLikelihoodTotal(torch.autograd.Function):
-    """sum over every image and pixel of log N(x; mean, obs_var): one pass for the residual, one fused
-    per-image reduction, and a backward that reuses the residual in place (the unfused expression
-    makes about seven passes over the (S, B, D) tensor; this is the largest elementwise cost of a step)."""
+class _GaussianLogLikelihoodOfResidual(torch.autograd.Function):
+    """sum over every image and pixel of log N(0; resid, obs_var): one fused per-image reduction, and a
+    backward that turns the residual into its gradient in place (the unfused expression makes about
+    seven passes over the (S, B, D) tensor; this is the largest elementwise cost of a step)."""
 
     @staticmethod
-    def forward(ctx, mean, x, obs_var):
-        resid = mean - x
+    def forward(ctx, resid, obs_var):
         ctx.save_for_backward(resid)
         ctx.obs_var = obs_var
         sq = torch.linalg.vector_norm(resid, dim=-1).square().sum()  # per-image sums keep float32 accurate
@@ -65,13 +82,19 @@ class _GaussianLogLikelihoodTotal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (resid,) = ctx.saved_tensors
-        return resid.mul_(-grad / ctx.obs_var), None, None
+        return resid.mul_(-grad / ctx.obs_var), None
+
+
+def gaussian_log_likelihood_of_residual(resid: torch.Tensor, obs_var: float) -> torch.Tensor:
+    """sum of log N(x; mean, obs_var) over every image and pixel, from the residual ``mean - x`` (a
+    scalar). The backward overwrites ``resid`` with its gradient: pass a tensor nothing else uses."""
+    return _GaussianLogLikelihoodOfResidual.apply(resid, obs_var)
 
 
 def gaussian_log_likelihood_total(x: torch.Tensor, mean: torch.Tensor, obs_var: float) -> torch.Tensor:
     """``gaussian_log_likelihood(x, mean, obs_var).sum()`` (a scalar) computed in fewer passes; only the
     gradient with respect to ``mean`` is provided. x: (B, D) or broadcastable to mean (S, B, D)."""
-    return _GaussianLogLikelihoodTotal.apply(mean, x, obs_var)
+    return gaussian_log_likelihood_of_residual(mean - x, obs_var)
 
 
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,17 @@ Every weight and bias of the MLP ``d -> H (x depth) -> D`` has prior N(0, prior_
 variational factor N(m, s^2); a forward pass uses a reparameterised draw theta = m + s * eps (or the
 posterior mean m). Draws are vectorised: S draws of theta decode S matching draws of z in one batched
 matrix product per layer.
+
+q(theta) is stored as two flat vectors of all P weights and biases (``theta_loc``, ``theta_log_scale``);
+``loc`` and ``log_scale`` are per-layer views of them. One flat draw, one closed-form or Monte Carlo
+term and one optimiser update over P values cost a handful of kernels instead of a handful per tensor,
+which is most of a step's overhead when minibatches are small.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -20,14 +26,34 @@ from .config import ModelConfig
 NEGATIVE_SLOPE = 0.2
 
 
+class _Reparameterise(torch.autograd.Function):
+    """theta = loc + exp(log_scale) * eps for eps (S, P) and loc, log_scale (P,), with the backward in
+    one product: d/d loc = sum_s g, d/d log_scale = sum_s g * (theta - loc) (the noise times the scale,
+    kept from the forward)."""
+
+    @staticmethod
+    def forward(ctx, loc, log_scale, eps):
+        step = torch.exp(log_scale) * eps  # (S, P)
+        ctx.save_for_backward(step)
+        return step + loc
+
+    @staticmethod
+    def backward(ctx, grad):
+        (step,) = ctx.saved_tensors
+        return grad.sum(0), (grad * step).sum(0), None
+
+
 @dataclass
 class ThetaDraw:
     """Decoder parameters to decode with: ``values[i]`` has shape ``(S, *shape_i)`` in the order
     W_1, b_1, W_2, b_2, ... (W_l: (out, in)). ``eps`` holds the standard-normal noise that produced
-    them (None for the posterior mean)."""
+    them (None for the posterior mean). ``flat`` and ``eps_flat`` (S, P), when given, hold the same
+    numbers as one matrix (``values[i]`` are views of ``flat``), for terms summed over all of theta."""
 
     values: list[torch.Tensor]
     eps: list[torch.Tensor] | None
+    flat: torch.Tensor | None = None
+    eps_flat: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -42,7 +68,8 @@ class BayesianDecoder(nn.Module):
         self.config = config
         sizes = [config.latent_dim] + [config.hidden] * config.depth + [config.data_dim]
         self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
-        locs, log_scales = [], []
+        self.shapes: list[tuple[int, ...]] = []
+        locs = []
         for fan_in, fan_out in self.layer_sizes:
             for shape in ((fan_out, fan_in), (fan_out,)):
                 loc = torch.empty(shape)
@@ -52,45 +79,98 @@ class BayesianDecoder(nn.Module):
                     nn.init.uniform_(loc, -bound, bound)
                 else:
                     nn.init.zeros_(loc)
-                locs.append(nn.Parameter(loc))
-                log_scales.append(nn.Parameter(torch.full(shape, float(config.init_log_scale))))
-        self.loc = nn.ParameterList(locs)
-        self.log_scale = nn.ParameterList(log_scales)
+                self.shapes.append(shape)
+                locs.append(loc.reshape(-1))
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+        self.theta_loc = nn.Parameter(torch.cat(locs))
+        self.theta_log_scale = nn.Parameter(torch.full((sum(self.sizes),), float(config.init_log_scale)))
+        self._register_load_state_dict_pre_hook(self._from_per_tensor_keys)
+
+    def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-tensor views (in the order W_1, b_1, ...) of a (..., P) tensor: (..., *shape_i) each."""
+        lead = flat.shape[:-1]
+        return [part.view(*lead, *shape) for part, shape in zip(flat.split(self.sizes, dim=-1), self.shapes)]
+
+    @property
+    def loc(self) -> list[torch.Tensor]:
+        """Per-tensor views of ``theta_loc``: W_1 (H, d), b_1 (H,), ..., b_L (D,)."""
+        return self._split(self.theta_loc)
+
+    @property
+    def log_scale(self) -> list[torch.Tensor]:
+        """Per-tensor views of ``theta_log_scale``, shaped like :attr:`loc`."""
+        return self._split(self.theta_log_scale)
+
+    @staticmethod
+    def _from_per_tensor_keys(state_dict, prefix, *args) -> None:
+        # Checkpoints written before q(theta) was flat hold loc.0, loc.1, ... and log_scale.0, ...
+        for name, flat in (("loc", "theta_loc"), ("log_scale", "theta_log_scale")):
+            keys = sorted((k for k in state_dict if re.fullmatch(re.escape(prefix + name) + r"\.\d+", k)),
+                          key=lambda k: int(k.rsplit(".", 1)[1]))
+            if keys and prefix + flat not in state_dict:
+                state_dict[prefix + flat] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
 
     @property
     def num_params(self) -> int:
         """P, the number of random decoder weights and biases."""
-        return sum(p.numel() for p in self.loc)
+        return self.theta_loc.numel()
+
+    def theta_noise(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard-normal noise for S draws of theta, (S, P), from one call of the generator for all
+        S x P values (laid out tensor by tensor: W_1's S draws, then b_1's, ...)."""
+        loc = self.theta_loc
+        noise = torch.randn(num_samples * loc.numel(), generator=generator, device=loc.device, dtype=loc.dtype)
+        if num_samples == 1:
+            return noise.view(1, -1)
+        return torch.cat([block.view(num_samples, -1)
+                          for block in noise.split([num_samples * n for n in self.sizes])], dim=1)
+
+    def draw(self, flat: torch.Tensor, eps: torch.Tensor | None) -> ThetaDraw:
+        """A :class:`ThetaDraw` of the flat values (S, P) (and their noise)."""
+        return ThetaDraw(self._split(flat), None if eps is None else self._split(eps), flat, eps)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> ThetaDraw:
-        """S reparameterised draws of theta."""
-        eps = [
-            torch.randn((num_samples, *m.shape), generator=generator, device=m.device, dtype=m.dtype)
-            for m in self.loc
-        ]
-        values = [m + torch.exp(s) * e for m, s, e in zip(self.loc, self.log_scale, eps)]
-        return ThetaDraw(values, eps)
+        """S reparameterised draws of theta (noise from :meth:`theta_noise`)."""
+        eps = self.theta_noise(num_samples, generator)
+        return self.draw(_Reparameterise.apply(self.theta_loc, self.theta_log_scale, eps), eps)
 
     def mean(self) -> ThetaDraw:
         """The posterior mean E_q[theta] as a single 'draw'."""
-        return ThetaDraw([m.unsqueeze(0) for m in self.loc], None)
+        flat = self.theta_loc.unsqueeze(0)
+        return ThetaDraw(self._split(flat), None, flat, None)
 
-    def decode(self, z: torch.Tensor, theta: ThetaDraw) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, theta: ThetaDraw, subtract: torch.Tensor | None = None) -> torch.Tensor:
         """Omega(z; theta). z: (S, B, d) paired with S draws of theta (or (B, d), or S=1 theta broadcast
-        over z's leading dimension) -> (S, B, D): the Gaussian mean or the Bernoulli logits."""
+        over z's leading dimension) -> (S, B, D): the Gaussian mean or the Bernoulli logits.
+        ``subtract`` (B, D): return Omega - subtract instead (a residual), computed inside the last
+        layer's product, which saves a pass over the (S, B, D) output."""
         if z.dim() == 2:
             z = z.unsqueeze(0)
-        h = z
         n_layers = len(self.layer_sizes)
+        single = theta.values[0].shape[0] == 1
+        # One theta for every z: plain matrix products on (S*B, .) rows (mm backward, no batching).
+        h = z.reshape(-1, z.shape[-1]) if single else z
         for layer in range(n_layers):
             weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
-            if weight.shape[0] == 1:  # one theta for every z: a plain matrix product (and mm backward)
-                h = torch.addmm(bias[0], h.reshape(-1, h.shape[-1]), weight[0].T).reshape(*h.shape[:-1], -1)
+            last = layer == n_layers - 1
+            if single:
+                # Views, not indexing, so that the backward builds no zero-padded weight gradients.
+                w, b = weight.view(weight.shape[1:]), bias.view(bias.shape[1:])
+                if last and subtract is not None:
+                    start = b - subtract
+                    if z.shape[0] > 1:
+                        start = start.repeat(z.shape[0], 1)
+                    h = start.addmm_(h, w.T)  # in place on a fresh tensor: b - x + h W^T
+                else:
+                    h = torch.addmm(b, h, w.T)
+            elif last and subtract is not None:
+                h = (bias.unsqueeze(1) - subtract).baddbmm_(h, weight.transpose(1, 2))
             else:
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-            if layer < n_layers - 1:
-                h = F.leaky_relu(h, NEGATIVE_SLOPE)
-        return h
+            if not last:
+                # In place on the fresh product (one buffer less); its backward needs only the output.
+                h = F.leaky_relu_(h, NEGATIVE_SLOPE)
+        return h.view(*z.shape[:-1], -1) if single else h
 
     def reconstruct(self, z_mean: torch.Tensor) -> torch.Tensor:
         """Pixel-space reconstruction at the posterior means: Omega(E[z]; E[theta]) (through a sigmoid for

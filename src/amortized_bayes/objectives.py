@@ -17,6 +17,7 @@ not an ELBO.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,20 +67,81 @@ def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Ten
     return dens.gaussian_log_likelihood_total(x, out, model.config.obs_var)
 
 
+def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: torch.Tensor, theta: ThetaDraw,
+                                 legacy: bool) -> torch.Tensor:
+    """``log_likelihood_total`` of ``decode(z, theta)``; for the Gaussian likelihood the residual is formed
+    inside the decoder's last product (one pass fewer over the (S, B, D) output)."""
+    if not legacy and model.config.likelihood == "gaussian":
+        return dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), model.config.obs_var)
+    return log_likelihood_total(model, x, model.decode(z, theta), legacy)
+
+
+class _ReparameterisedMonteCarlo(torch.autograd.Function):
+    """S reparameterised draws v = loc + exp(log_scale) * eps (loc, log_scale: any shape; eps (S, *shape))
+    together with their Monte Carlo terms summed over the draws: sum log N(v; 0, scale^2) and
+    sum -log q(v). The backward is one pass: the prior's gradient -v / scale^2 joins the incoming one
+    before the chain rule through the reparameterisation (the separate expressions cost about ten
+    passes over the draws). Used for theta (shape (P,)) and for the local z (shape (B, d))."""
+
+    @staticmethod
+    def forward(ctx, loc, log_scale, eps, scale):
+        step = torch.exp(log_scale) * eps
+        draws = step + loc
+        flat_v, flat_eps = draws.reshape(-1), eps.reshape(-1)
+        n = draws.numel()
+        log_prior = -0.5 * torch.dot(flat_v, flat_v) / scale**2 - n * (0.5 * dens.LOG_2PI + math.log(scale))
+        neg_log_q = eps.shape[0] * log_scale.sum() + 0.5 * torch.dot(flat_eps, flat_eps) + 0.5 * dens.LOG_2PI * n
+        ctx.save_for_backward(draws, step)
+        ctx.scale = scale
+        return draws, log_prior, neg_log_q
+
+    @staticmethod
+    def backward(ctx, g_draws, g_prior, g_neg_log_q):
+        draws, step = ctx.saved_tensors
+        S, shape = draws.shape[0], draws.shape[1:]
+        prior_part = draws * (-g_prior / ctx.scale**2)
+        g = prior_part if g_draws is None else prior_part.add_(g_draws)
+        if S == 1:
+            return g.view(shape), torch.addcmul(g_neg_log_q, g, step).view(shape), None, None
+        return g.sum(0), (g * step).sum(0).add_(g_neg_log_q * S), None, None
+
+
+def reparameterised_with_terms(loc: torch.Tensor, log_scale: torch.Tensor, eps: torch.Tensor,
+                               prior_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v = loc + exp(log_scale) * eps (S, *shape), E log N(v; 0, prior_scale^2), E[-log q(v)]): the draws
+    and their mc terms averaged over the S draws (summed over every other dimension), in one node."""
+    draws, log_prior, neg_log_q = _ReparameterisedMonteCarlo.apply(loc, log_scale, eps, prior_scale)
+    S = eps.shape[0]
+    return draws, log_prior / S, neg_log_q / S
+
+
+def sample_theta_with_terms(model: BayesianDecoder, num_samples: int, generator: torch.Generator | None
+                            ) -> tuple[ThetaDraw, torch.Tensor, torch.Tensor]:
+    """S draws of q(theta) (the same draws as ``model.sample`` with this generator state) and the mc
+    estimates (E log p(theta), E[-log q(theta)]) of :func:`theta_terms`."""
+    eps = model.theta_noise(num_samples, generator)
+    flat, log_prior, entropy = reparameterised_with_terms(model.theta_loc, model.theta_log_scale, eps,
+                                                          model.config.prior_scale)
+    return model.draw(flat, eps), log_prior, entropy
+
+
 def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(E log p(theta), E[-log q(theta)]) estimated from ``theta`` (mc) or in closed form (analytic)."""
     scale = model.config.prior_scale
+    loc, log_scale = model.theta_loc, model.theta_log_scale
     if estimator == "analytic":
-        neg_kl = -sum(dens.kl_normal_to_centered(m, s, scale).sum() for m, s in zip(model.loc, model.log_scale))
-        entropy = sum(dens.normal_entropy(s).sum() for s in model.log_scale)
+        neg_kl = -dens.kl_normal_to_centered(loc, log_scale, scale).sum()
+        entropy = dens.normal_entropy(log_scale).sum()
         return neg_kl - entropy, entropy
     S = theta.num_samples
+    values = theta.flat if theta.flat is not None else torch.cat([v.reshape(S, -1) for v in theta.values], 1)
+    eps = theta.eps_flat if theta.eps_flat is not None else torch.cat([e.reshape(S, -1) for e in theta.eps], 1)
     if legacy:
-        prior = sum(dens.legacy_log_prior_theta(v).sum() for v in theta.values) / S
-        log_q = sum(dens.legacy_log_q(e, s).sum() for e, s in zip(theta.eps, model.log_scale)) / S
+        prior = dens.legacy_log_prior_theta(values).sum() / S
+        log_q = dens.legacy_log_q(eps, log_scale).sum() / S
     else:
-        prior = sum(dens.standard_normal_log_prob(v, scale).sum() for v in theta.values) / S
-        log_q = sum(dens.normal_log_prob_from_noise(e, s).sum() for e, s in zip(theta.eps, model.log_scale)) / S
+        prior = dens.standard_normal_log_prob_total(values, scale) / S
+        log_q = dens.normal_log_prob_from_noise_total(eps, log_scale) / S
     return prior, -log_q
 
 
@@ -102,6 +164,18 @@ def draw_z(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
     """S reparameterised draws z = mu + sigma * eps. (B, d) -> z, eps: (S, B, d)."""
     eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(log_sigma) * eps, eps
+
+
+def draw_z_with_terms(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
+                      generator: torch.Generator | None, estimator: str, legacy: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (S, B, d) as :func:`draw_z` draws it, and :func:`local_terms` of the rows; the Monte Carlo
+    terms of the ELBO come from one fused autograd node."""
+    if estimator == "mc" and not legacy:
+        eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        return reparameterised_with_terms(mu, log_sigma, eps)
+    z, eps = draw_z(mu, log_sigma, num_samples, generator)
+    return (z, *local_terms(mu, log_sigma, z, eps, estimator, legacy))
 
 
 def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
@@ -144,24 +218,27 @@ def objective_terms(
     """
     legacy = config.kind == "legacy-2024"
     S, B = config.num_samples, x_batch.shape[0]
-    theta = model.sample(S, generator)
+    fused_theta = config.estimator == "mc" and not legacy
+    if fused_theta:
+        theta, log_prior_theta, entropy_theta = sample_theta_with_terms(model, S, generator)
+    else:
+        theta = model.sample(S, generator)
     refine = make_local_elbo(model, 1, generator) if family.name == "semi-amortized" else None
     if config.local_terms == "all":
         if x_all is None or x_all.shape[0] != num_data:
             raise ValueError("local_terms='all' needs x_all with every one of the num_data images")
         all_idx = torch.arange(num_data, device=x_batch.device)
         mu_all, ls_all = family.local_params(x_all, all_idx, refine)
-        z_all, eps_all = draw_z(mu_all, ls_all, S, generator)
+        z_all, log_prior_z, entropy_z = draw_z_with_terms(mu_all, ls_all, S, generator, config.estimator, legacy)
         rows = idx_batch if idx_batch is not None else all_idx[:B]
         z = z_all[:, rows]
-        log_prior_z, entropy_z = local_terms(mu_all, ls_all, z_all, eps_all, config.estimator, legacy)
     else:
         mu, ls = family.local_params(x_batch, idx_batch, refine)
-        z, eps = draw_z(mu, ls, S, generator)
-        lp, ent = local_terms(mu, ls, z, eps, config.estimator, legacy)
+        z, lp, ent = draw_z_with_terms(mu, ls, S, generator, config.estimator, legacy)
         log_prior_z, entropy_z = lp * (num_data / B), ent * (num_data / B)
-    ll = log_likelihood_total(model, x_batch, model.decode(z, theta), legacy) / S * (num_data / B)
-    log_prior_theta, entropy_theta = theta_terms(model, theta, config.estimator, legacy)
+    ll = decoded_log_likelihood_total(model, x_batch, z, theta, legacy) / S * (num_data / B)
+    if not fused_theta:
+        log_prior_theta, entropy_theta = theta_terms(model, theta, config.estimator, legacy)
     return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
 
 

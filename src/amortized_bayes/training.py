@@ -9,6 +9,7 @@ of fitting the test images' q(z') with q(theta) frozen.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from .inference import infer_local
 from .meta import machine_description
 from .model import BayesianDecoder
 from .objectives import negative_elbo
+from .optim import LazyAdam, adam
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -134,25 +136,63 @@ def make_optimisers(model, family, config: RunConfig) -> list[torch.optim.Optimi
         dense += list(model.parameters())
     optimisers: list[torch.optim.Optimizer] = []
     if dense:
-        optimisers.append(torch.optim.Adam(dense, lr=t.lr, weight_decay=t.weight_decay))
+        optimisers.append(adam(dense, lr=t.lr, weight_decay=t.weight_decay))
     sparse = family.sparse_parameters()
     if sparse:
         if t.weight_decay:
             raise ValueError("train.weight_decay: not supported with lazy F-VI updates (objective.local_terms="
                              "'batch' with minibatches); use local_terms='all' or no weight decay")
-        optimisers.append(torch.optim.SparseAdam(sparse, lr=t.lr))
+        optimisers.append(LazyAdam(sparse, lr=t.lr))
     return optimisers
 
 
+def batch_data(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images of a batch and the indices to pass to the objective. Consecutive rows are a view of
+    ``x`` (no copy), and every row in order needs no indices at all (rows 0..N-1); other batches are
+    gathered: ``x[rows]``, ``rows``."""
+    m = rows.numel()
+    if m > 0:
+        first = int(rows[0])
+        if bool((rows == torch.arange(first, first + m, device=rows.device)).all()):
+            return x[first:first + m], (None if m == x.shape[0] else rows)
+    return torch.index_select(x, 0, rows), rows  # a row gather; x[rows] is ~3x slower on CPU
+
+
+def train_step(model: BayesianDecoder, family: VariationalFamily, optimisers: list[torch.optim.Optimizer],
+               params: list[torch.nn.Parameter], x_batch: torch.Tensor, idx_batch: torch.Tensor | None, *,
+               num_data: int, objective, generator: torch.Generator,
+               x_all: torch.Tensor | None = None, loss_fn: Callable | None = None) -> tuple[float, str | None]:
+    """One step of the trainer: the -ELBO estimate on the batch, its gradient, one update of every
+    optimiser. Returns (the loss in nats, None), or (loss, "loss" | "gradient") without updating
+    anything when the loss or a gradient of ``params`` is not finite. ``loss_fn`` replaces
+    :func:`negative_elbo` (same signature), e.g. by a compiled version of it."""
+    for opt in optimisers:
+        opt.zero_grad(set_to_none=True)
+    loss = (loss_fn or negative_elbo)(model, family, x_batch, idx_batch, num_data=num_data, config=objective,
+                                      generator=generator, x_all=x_all)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value, "loss"
+    loss.backward()
+    if not _all_finite(params):
+        for opt in optimisers:
+            opt.zero_grad(set_to_none=True)
+        return value, "gradient"
+    for opt in optimisers:
+        opt.step()
+    return value, None
+
+
 def _all_finite(params) -> bool:
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        values = g.coalesce().values() if g.is_sparse else g
-        if not torch.isfinite(values).all():
-            return False
-    return True
+    """Whether every gradient of ``params`` is finite. A sum is finite only if every term is, so one
+    reduction per tensor decides (an elementwise test costs ~25x more); only a non-finite sum (a NaN or
+    Inf, or an overflowing sum of finite values) is checked element by element."""
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    if bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def evaluate(model, family, data: TrainingData, config: RunConfig, generator: torch.Generator,
@@ -271,30 +311,23 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         do_eval(0)
     for epoch in range(first_epoch, t.epochs + 1):
         for rows in batch_schedule(n, t.batch_size, t.batches, batch_generator):
-            rows = rows.to(device)
             start = time.perf_counter()
-            for opt in optimisers:
-                opt.zero_grad(set_to_none=True)
-            loss = negative_elbo(model, family, data.train[rows], rows, num_data=n, config=config.objective,
-                                 generator=generator, x_all=x_all)
-            if not torch.isfinite(loss.detach()):
-                raise NonFiniteLossError(f"step {step + 1} (epoch {epoch}): the -ELBO estimate is {float(loss.detach())}; "
+            x_batch, idx_batch = batch_data(data.train, rows.to(device))
+            loss, bad = train_step(model, family, optimisers, params, x_batch, idx_batch, num_data=n,
+                                   objective=config.objective, generator=generator, x_all=x_all)
+            if bad == "loss":
+                raise NonFiniteLossError(f"step {step + 1} (epoch {epoch}): the -ELBO estimate is {loss}; "
                                          f"parameters kept from step {step}", step + 1, result)
-            loss.backward()
-            if not _all_finite(params):
-                for opt in optimisers:
-                    opt.zero_grad(set_to_none=True)
+            if bad == "gradient":
                 raise NonFiniteLossError(f"step {step + 1} (epoch {epoch}): a gradient is NaN or Inf; "
                                          f"parameters kept from step {step}", step + 1, result)
-            for opt in optimisers:
-                opt.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_seconds += time.perf_counter() - start
             step += 1
             history.step.append(step)
             history.epoch.append(epoch)
-            history.neg_elbo.append(float(loss.detach()))
+            history.neg_elbo.append(loss)
             history.wall_time.append(train_seconds)
             result.steps_done = step
         result.epochs_done = epoch

@@ -33,11 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _measure(args: tuple) -> dict:
     """Worker entry point: one run, with its own torch thread count."""
     run_dir, config, threads = args
-    import torch
-
     from ..gap import measure_run_gap
+    from ..runtime import prepare_process
 
-    torch.set_num_threads(threads)
+    prepare_process(threads)
     return measure_run_gap(run_dir, config)
 
 

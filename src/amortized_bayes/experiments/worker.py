@@ -16,19 +16,6 @@ import traceback
 from pathlib import Path
 
 
-def configure_threads(threads: int) -> None:
-    """One setting for every threading layer torch may use in this process."""
-    import torch
-
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass  # already set in this process
-
-
 class DriverGone(Exception):
     """The process that launched this worker died; stop rather than run on unsupervised."""
 
@@ -43,13 +30,14 @@ def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float 
     from its last checkpoint.
     """
     from ..checkpoint import save_fit
+    from ..runtime import prepare_process
     from ..config import RunConfig
     from ..training import Checkpointing, NonFiniteLossError, fit
     from .store import ResultStore, now, read_json, write_run_outputs
 
     run_dir = Path(run_dir)
     store = ResultStore(run_dir.parent.parent)
-    configure_threads(threads)
+    prepare_process(threads)
     config = RunConfig.from_dict(read_json(run_dir / "config.json"))
     previous = read_json(run_dir / "status.json", {}) or {}
     if previous.get("state") == "done":
