@@ -20,7 +20,8 @@ entry alike), it times one step of:
 Before timing it checks that the two implementations compute the same ELBO at equal parameters
 (Pyro's parameters copied into the tool; means over many draws agree within Monte Carlo error).
 Reports the median step time, ratios tool/floor and pyro/tool, peak memory allocated during one step
-(torch's profiler), and F-VI's time per epoch at N = 10k, 30k, 60k (``--no-scaling`` skips it).
+(torch's profiler), F-VI's time per epoch at N = 10k, 30k, 60k (``--no-scaling`` skips it), and the
+test-time inference cost per new image of every family (``--no-inference`` skips it).
 ``--json FILE`` keeps the raw timings.
 """
 
@@ -208,6 +209,28 @@ def fvi_scaling(sizes, steps: int, batch: int) -> dict:
     return out
 
 
+def test_time_cost(x_train: torch.Tensor, x_test: torch.Tensor, epochs: int) -> dict:
+    """Seconds per new image to get q(z') with q(theta) frozen, per family, after training each family
+    on ``x_train`` (full batch, ``epochs`` epochs, default settings): the encoder's forward pass
+    (SA-VI: and its refinement steps), or the trainer's test-time optimisation (F-VI: a factor per image;
+    constant-VI: one shared factor) under its default stopping rule. Timed on all of ``x_test`` at once."""
+    from amortized_bayes.inference import infer_local
+    from amortized_bayes.training import TrainingData, fit
+
+    out = {}
+    for name, fam in FAMILIES:
+        config = RunConfig(data=DataConfig(n_train=x_train.shape[0], n_test=0), family=fam,
+                           train=TrainConfig(batch_size=None, epochs=epochs, eval_every=epochs))
+        result = fit(config, TrainingData(x_train, None))
+        infer_local(result.model, result.family, x_test[:10], config.train.test_inference,
+                    torch.Generator().manual_seed(0))  # warm-up
+        post = infer_local(result.model, result.family, x_test, config.train.test_inference,
+                           torch.Generator().manual_seed(1))
+        out[name] = {"seconds_per_image": post.seconds / x_test.shape[0], "steps": post.steps,
+                     "converged": post.converged, "images": x_test.shape[0]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=10_000, help="training images (default 10,000)")
@@ -217,6 +240,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-pyro", action="store_true", help="skip Pyro (when the bench extra is absent)")
     parser.add_argument("--no-scaling", action="store_true", help="skip F-VI's 10k/30k/60k epoch times")
+    parser.add_argument("--no-inference", action="store_true", help="skip the test-time inference costs")
+    parser.add_argument("--inference-epochs", type=int, default=200,
+                        help="full-batch epochs on 1,000 images before timing test-time inference (default 200)")
     parser.add_argument("--compile", action="store_true",
                         help=f"also time the step with torch.compile on the objective ({', '.join(COMPILED)})")
     parser.add_argument("--json", default=None, help="write raw timings here")
@@ -273,6 +299,25 @@ def main() -> None:
         base = scaling[sizes[0]] / sizes[0]
         print(f"F-VI seconds per epoch (B = {args.batch:,}): " + ", ".join(
             f"N = {n:,}: {s:.2f} s ({s / n / base:.2f}x the per-image cost at 10k)" for n, s in scaling.items()))
+    if not args.no_inference:
+        test = load_split("mnist", "test", n=1000).images
+        cost = test_time_cost(x[:1000], test, args.inference_epochs)
+        report["test_time_inference"] = cost
+        print(f"\n### Test-time inference: q(z') for 1,000 new images, q(theta) frozen (after {args.inference_epochs} "
+              "full-batch epochs on 1,000 images)\n")
+        print("| family | how q(z') is found | µs per image | x the A-VI k=64 encoder |")
+        print("|---|---|---|---|")
+        base = cost["A-VI k=64"]["seconds_per_image"]
+        for (name, fam), c in zip(FAMILIES, cost.values()):
+            if fam.name == "amortized":
+                how = "one encoder pass"
+            elif fam.name == "semi-amortized":
+                how = f"encoder pass + {fam.refine_steps} gradient refinement steps"
+            else:
+                how = f"{c['steps']:,} Adam steps on the local ELBO ({'converged' if c['converged'] else 'step limit'})"
+            ratio = c["seconds_per_image"] / base
+            ratio_text = f"{ratio:.2f}" if ratio < 100 else f"{ratio:,.0f}"
+            print(f"| {name} | {how} | {1e6 * c['seconds_per_image']:,.1f} | {ratio_text} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

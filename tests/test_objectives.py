@@ -192,6 +192,28 @@ def test_fused_gaussian_log_likelihood_total_matches_the_plain_expression():
         torch.autograd.grad(again, mean)
 
 
+def test_per_image_residual_likelihood_matches_the_plain_expression_to_second_order():
+    # SA-VI differentiates through its refinement gradients, so the first and second derivatives
+    # of the fused per-image likelihood must both be right.
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(5, 9, generator=g, dtype=torch.float64)
+    mean = torch.randn(2, 5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    fused = dens.gaussian_log_likelihood_of_residual_per_image(mean - x, 0.4)
+    plain = dens.gaussian_log_likelihood(x, mean, 0.4)
+    assert fused.shape == (2, 5)
+    assert torch.allclose(fused, plain, rtol=1e-12, atol=1e-12)
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    (g_fused,) = torch.autograd.grad((w * fused).sum(), mean, create_graph=True)
+    (g_plain,) = torch.autograd.grad((w * plain).sum(), mean, create_graph=True)
+    assert torch.allclose(g_fused, g_plain, rtol=1e-12, atol=1e-12)
+    v = torch.randn(2, 5, 9, generator=g, dtype=torch.float64)
+    (h_fused,) = torch.autograd.grad((v * g_fused).sum(), mean)
+    (h_plain,) = torch.autograd.grad((v * g_plain).sum(), mean)
+    assert torch.allclose(h_fused, h_plain, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(lambda r: dens.gaussian_log_likelihood_of_residual_per_image(r, 0.4),
+                                        (mean.detach() - x).requires_grad_(True))
+
+
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples):
     """q(theta) is stored flat; its draws, Monte Carlo terms and gradients must be those of the plain

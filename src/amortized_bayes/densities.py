@@ -97,6 +97,28 @@ def gaussian_log_likelihood_total(x: torch.Tensor, mean: torch.Tensor, obs_var: 
     return gaussian_log_likelihood_of_residual(mean - x, obs_var)
 
 
+class _SquaredNormPerRow(torch.autograd.Function):
+    """||r||^2 over the last dimension, with a backward of one pass (2 g r) that is itself differentiable
+    (SA-VI differentiates through its refinement gradients; pow and sum make several passes each way)."""
+
+    @staticmethod
+    def forward(ctx, r):
+        ctx.save_for_backward(r)
+        return torch.linalg.vector_norm(r, dim=-1).square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return r * (2 * grad).unsqueeze(-1)
+
+
+def gaussian_log_likelihood_of_residual_per_image(resid: torch.Tensor, obs_var: float) -> torch.Tensor:
+    """log N(x; mean, obs_var I) per image from the residual ``mean - x``: (..., D) -> (...). Twice
+    differentiable, and ``resid`` is left intact."""
+    d = resid.shape[-1]
+    return -0.5 * _SquaredNormPerRow.apply(resid) / obs_var - 0.5 * d * (LOG_2PI + math.log(obs_var))
+
+
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log Bernoulli(x; sigmoid(logits)) summed over the last dimension; x in [0, 1] (binary for a
     proper likelihood). (..., D) -> (...)."""

@@ -183,7 +183,11 @@ def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, lo
     """ELBO_x(q) = E_q(z)[log p(x | z, theta) + log p(z) - log q(z)] per image (B,): S reparameterised
     draws of z (paired with theta's S draws, or all decoded with a single theta) and the closed-form KL."""
     z, _ = draw_z(mu, log_sigma, num_samples, generator)
-    ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
+    if model.config.likelihood == "gaussian":
+        resid = model.decode(z, theta, subtract=x)  # the residual formed inside the last product
+        ll = dens.gaussian_log_likelihood_of_residual_per_image(resid, model.config.obs_var).mean(0)
+    else:
+        ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
     return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
 
 
