@@ -220,7 +220,6 @@ def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples
     per-tensor expressions with the same noise."""
     model, fam, x = small_setup("amortized")
     S = num_samples
-    cfg = ObjectiveConfig(estimator="mc", num_samples=S)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
