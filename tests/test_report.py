@@ -189,3 +189,38 @@ def test_report_of_a_folder_kept_without_models(built, tmp_path):
     full = (built / "report" / "report.md").read_text()
     table_lines = [line for line in md.splitlines() if line.startswith("| ")]
     assert table_lines and table_lines == [line for line in full.splitlines() if line.startswith("| ")]
+
+
+def test_a_tolerance_set_at_report_time_changes_only_the_crossings(built, tmp_path):
+    """`report --tolerance`: the crossings are those of the stated tolerance, computed from the stored
+    evaluations; every other number is unchanged, and the grid's own report is left alone."""
+    from amortized_bayes.analysis import with_tolerance
+
+    results = load_results(built)
+    evals = {label: [r.evals for r in runs] for label, runs in results.groups["mnist"].items()}
+    # A tolerance some runs meet during training: the largest final train MSE over all runs.
+    loose = max(e[-1]["train_mse"] for runs in evals.values() for e in runs)
+    table = dataset_table(with_tolerance(results, "train_mse", loose), "mnist")
+    for label, row in table["rows"].items():
+        for seed_row, run_evals in zip(row["per_seed"], evals[label]):
+            crossing = iterations_to_tolerance(run_evals, "train_mse", loose)
+            assert crossing is not None and seed_row["epochs_to_tol"] == crossing["epoch"]
+    base = dataset_table(results, "mnist")
+    assert base["tolerance"] == 0.105 and table["tolerance"] == loose
+    for label in base["rows"]:
+        for key in ("neg_elbo_per_image", "train_mse", "test_mse"):
+            assert table["rows"][label][key] == base["rows"][label][key]
+    with pytest.raises(ValueError, match="metric"):
+        with_tolerance(results, "neg_elbo", 1.0)
+
+    before = (built / "report" / "report.md").read_text()
+    proc = subprocess.run([sys.executable, "-m", "amortized_bayes", "report", str(built), "--tolerance",
+                           f"test_mse={loose}", "--report-dir", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert f"test_mse <= {loose} on every dataset (not the grid's)" in md
+    assert (built / "report" / "report.md").read_text() == before
+    bad = subprocess.run([sys.executable, "-m", "amortized_bayes", "report", str(built), "--tolerance", "x=0.1"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "metric must be one of" in bad.stderr

@@ -85,6 +85,21 @@ class Results:
         return tol.get("metric", "train_mse"), tol.get(dataset)
 
 
+TOLERANCE_METRICS = ("train_mse", "test_mse")
+
+
+def with_tolerance(results: Results, metric: str, value: float) -> Results:
+    """The same results judged against ``metric`` <= ``value`` on every dataset, instead of the grid's
+    tolerance (the grid as stored is left untouched; the report says which tolerance it used)."""
+    if metric not in TOLERANCE_METRICS:
+        raise ValueError(f"tolerance metric must be one of {', '.join(TOLERANCE_METRICS)}, got {metric!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"tolerance must be a positive number, got {value}")
+    tolerance = {"metric": metric, **{dataset: value for dataset in results.groups}}
+    grid = {**results.grid, "tolerance": tolerance, "tolerance_overridden": True}
+    return Results(results.root, grid, results.groups, results.unfinished)
+
+
 def load_results(root: str | Path) -> Results:
     store = ResultStore(root)
     results = Results(Path(root), read_json(Path(root) / "grid.json", {}) or {})

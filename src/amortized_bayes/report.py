@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .analysis import dataset_table, gap_table, load_results
+from .analysis import dataset_table, gap_table, load_results, with_tolerance
 from .data.atomic import atomic_write_text
 from .plotting import elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
 
@@ -99,13 +99,17 @@ GAP_NOTE = ("Nats per image: the median over runs (seeds) of each run's mean ove
             "which is what F-VI pays for new images. Measured by `amortized-bayes gap`.")
 
 
-def build_report(root: str | Path, *, reconstructions_count: int = 8) -> dict[str, Path]:
-    """Build ``root/report/``: figures (PNG + SVG), report.md, report.html. Returns the main paths."""
+def build_report(root: str | Path, *, reconstructions_count: int = 8, tolerance: tuple[str, float] | None = None,
+                 out: str | Path | None = None) -> dict[str, Path]:
+    """Build ``root/report/`` (or ``out``): figures (PNG + SVG), report.md, report.html. Returns the main
+    paths. ``tolerance`` (metric, value) replaces the grid's tolerance for every dataset."""
     root = Path(root)
     results = load_results(root)
     if not results.groups:
         raise ValueError(f"{root}: no finished runs to report on")
-    out = root / "report"
+    if tolerance is not None:
+        results = with_tolerance(results, *tolerance)
+    out = root / "report" if out is None else Path(out)
     figures = out / "figures"
     sections = []
     for dataset in sorted(results.groups):
@@ -141,6 +145,10 @@ def _preamble(results) -> list[str]:
              f"`{results.root}`; nothing was retrained. Medians over seeds; intervals are 95% bootstrap "
              "intervals over seeds (coarse with few seeds). Ratios are A-VI / F-VI; the speed-up is F-VI's "
              "training seconds to the tolerance divided by A-VI's."]
+    if grid.get("tolerance_overridden"):
+        tol = grid["tolerance"]
+        lines.append(f"Tolerance set when the report was built: {tol['metric']} <= "
+                     f"{next(v for k, v in tol.items() if k != 'metric')} on every dataset (not the grid's).")
     if results.unfinished:
         lines.append(f"Not included (unfinished): {', '.join(results.unfinished)}.")
     return lines
