@@ -1,0 +1,157 @@
+"""The tables of docs/replication.md, recomputed from the stored results (nothing is retrained).
+
+    python results/replication/tables.py results/replication/paper-e250 results/replication/replicate-2024-e250
+
+For each results folder: the final metrics with A-VI / F-VI ratios (95% bootstrap intervals over
+seeds); -ELBO per image and train MSE along training (medians over seeds); epochs and training
+seconds to each tolerance in ``--tolerances`` with A-VI's speed-up over F-VI in both; and, where
+``amortized-bayes gap`` has measured the runs, the amortization gap per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from amortized_bayes.analysis import (bootstrap_ratio_ci, dataset_table, gap_table, iterations_to_tolerance,
+                                      load_results, method_order)
+
+DATASETS = ("mnist", "fashion-mnist")
+NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
+
+
+def _ci(lo_hi) -> str:
+    return f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}"
+
+
+def final_table(results) -> list[str]:
+    lines = ["| dataset | method | -ELBO/image | train MSE | test MSE | ms/step | -ELBO vs F-VI (95% CI) | "
+             "train MSE vs F-VI (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        if dataset not in results.groups:
+            continue
+        table = dataset_table(results, dataset)
+        for label, row in table["rows"].items():
+            cmp = table["comparisons"].get(label)
+            ratios = (f"{cmp['elbo_ratio']:.3f} ({_ci(cmp['elbo_ratio_ci'])}) | "
+                      f"{cmp['mse_ratio']:.3f} ({_ci(cmp['mse_ratio_ci'])})") if cmp else " | "
+            lines.append(f"| {NAMES[dataset]} | {label} | {row['neg_elbo_per_image']:.2f} | {row['train_mse']:.4f} | "
+                         f"{row['test_mse']:.4f} | {1e3 * row['seconds_per_step']:.1f} | {ratios} |")
+    return lines
+
+
+def _at_epoch(evals: list[dict], epoch: int, key: str) -> float:
+    for e in evals:
+        if e["epoch"] == epoch:
+            return e[key]
+    return math.nan
+
+
+def trajectory_table(results, key: str, scale_by_n: bool, epochs: list[int], digits: int) -> list[str]:
+    lines = ["| dataset | method | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+             "|---|---|" + "---|" * len(epochs)]
+    for dataset in DATASETS:
+        for label, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+            cells = []
+            for epoch in epochs:
+                values = [_at_epoch(r.evals, epoch, key) / (r.n if scale_by_n else 1) for r in runs]
+                cells.append(f"{np.median(values):.{digits}f}")
+            lines.append(f"| {NAMES[dataset]} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _crossings(runs, tol: float) -> tuple[list[float | None], list[float | None]]:
+    hits = [iterations_to_tolerance(r.evals, "train_mse", tol) for r in runs]
+    return [h["epoch"] if h else None for h in hits], [h["seconds"] if h else None for h in hits]
+
+
+def _median_reached(values: list[float | None]) -> str:
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return f"never (0/{len(values)})"
+    # A seed that never reached the tolerance counts as infinitely late.
+    median = float(np.median(sorted(reached) + [math.inf] * (len(values) - len(reached))))
+    text = "never" if math.isinf(median) else f"{median:.0f}"
+    return f"{text} ({len(reached)}/{len(values)})"
+
+
+def _speedup(avi: list[float | None], fvi: list[float | None]) -> str:
+    if any(v is None for v in avi):
+        return "A-VI not in every seed"
+    if all(v is None for v in fvi):
+        return "F-VI never: A-VI ahead"
+    if any(v is None for v in fvi):
+        return "F-VI not in every seed"
+    ratio = float(np.median(fvi) / np.median(avi))
+    return f"{ratio:.2f} ({_ci(bootstrap_ratio_ci(fvi, avi))})"
+
+
+def tolerance_table(results, tolerances: list[float]) -> list[str]:
+    lines = ["| dataset | train MSE <= | method | epochs to tol (seeds reaching) | seconds to tol | "
+             "speed-up vs F-VI, epochs (95% CI) | speed-up vs F-VI, seconds (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset in DATASETS:
+        groups = results.groups.get(dataset, {})
+        fvi = next((runs for label, runs in groups.items() if label.startswith("F-VI")), None)
+        for tol in tolerances:
+            f_epochs, f_seconds = _crossings(fvi, tol) if fvi else ([], [])
+            for label, runs in sorted(groups.items(), key=lambda kv: method_order(kv[0])):
+                epochs, seconds = _crossings(runs, tol)
+                if label.startswith("A-VI") and fvi:
+                    speed = f"{_speedup(epochs, f_epochs)} | {_speedup(seconds, f_seconds)}"
+                else:
+                    speed = " | "
+                lines.append(f"| {NAMES[dataset]} | {tol:g} | {label} | {_median_reached(epochs)} | "
+                             f"{_median_reached(seconds)} | {speed} |")
+    return lines
+
+
+def gap_lines(results) -> list[str]:
+    tables = {dataset: gap_table(results, dataset) for dataset in DATASETS if dataset in results.groups}
+    if not any(tables.values()):
+        return []
+    lines = ["| dataset | method | amortization gap, train | amortization gap, test | approximation gap "
+             "(IWAE), train / test |", "|---|---|---|---|---|"]
+    for dataset, table in tables.items():
+        for label, row in table.items():
+            cells = []
+            for split in ("train", "test"):
+                g = row["splits"].get(split, {}).get("amortization_gap")
+                cells.append(f"{g['median']:.2f} [{g['min']:.2f}, {g['max']:.2f}]" if g else "-")
+            approx = [row["splits"].get(split, {}).get("approximation_gap") for split in ("train", "test")]
+            approx_text = " / ".join(f"{a['median']:.2f}" if a else "-" for a in approx)
+            lines.append(f"| {NAMES[dataset]} | {label} | {cells[0]} | {cells[1]} | {approx_text} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", help="results folders (as written by `run` or collect.sh)")
+    parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.07, 0.05, 0.03],
+                        help="train-MSE tolerances (default 0.1 0.07 0.05 0.03)")
+    parser.add_argument("--every", type=int, default=50, help="epochs between trajectory columns (default 50)")
+    args = parser.parse_args()
+    for folder in args.folders:
+        results = load_results(folder)
+        name = results.grid.get("name", folder)
+        last = max(e["epoch"] for by in results.groups.values() for runs in by.values() for r in runs for e in r.evals)
+        epochs = sorted({10, *range(args.every, last + 1, args.every), last})
+        print(f"## {name}\n\n### Final metrics (epoch {last})\n")
+        print("\n".join(final_table(results)))
+        print("\n### -ELBO per image along training\n")
+        print("\n".join(trajectory_table(results, "neg_elbo", True, epochs, 2)))
+        print("\n### Train MSE along training\n")
+        print("\n".join(trajectory_table(results, "train_mse", False, epochs, 4)))
+        print("\n### Epochs and seconds to a train-MSE tolerance\n")
+        print("\n".join(tolerance_table(results, args.tolerances)))
+        gaps = gap_lines(results)
+        if gaps:
+            print("\n### Amortization gap (nats per image, median over seeds [range])\n")
+            print("\n".join(gaps))
+        print()
+
+
+if __name__ == "__main__":
+    main()
