@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Copy the small files of a results folder into the repository: the grid, the summary table, each run's
-# summary.json / evals.jsonl / gap.json, and the report (report.md, figures as PNG). Models and
-# per-step logs stay out.   usage: bash results/replication/collect.sh RESULTS_DIR DEST_DIR
+# config/status/summary.json, evals.jsonl, steps.csv (per-step -ELBO, which the report plots) and gap.json,
+# and the report (report.md, figures as PNG). Fitted models (model.pt) stay out.
+# usage: bash results/replication/collect.sh RESULTS_DIR DEST_DIR
 set -euo pipefail
 src=$1 dest=$2
 mkdir -p "$dest/runs" "$dest/report/figures"
