@@ -164,6 +164,22 @@ def _wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out waiting")
 
 
+def _session_alive(sid: int) -> bool:
+    """Whether any live (not zombie) process is in session ``sid`` (Linux /proc; elsewhere: False)."""
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state, ppid, pgrp, session.
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            return True
+    return False
+
+
 def test_worker_killed_mid_run_resumes_to_the_uninterrupted_numbers(tiny_grid, tmp_path):
     grid = tiny_grid(epochs=12)
     single = ["--set", "family.name=factorized", "--set", "family.width=1"]
@@ -249,12 +265,14 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
     for _ in range(2):
         driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
                                    "--workers", "2", "--threads", "1", "--checkpoint-every", "0"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         _wait_for(lambda: any((read_json(p, {}) or {}).get("epochs_done") for p in out.glob("runs/*/status.json")))
         time.sleep(rng.uniform(0.0, 1.5))
         driver.kill()
         driver.wait(30)
-        # Orphaned workers notice at their next epoch boundary and stop.
+        # Orphaned workers notice at their next epoch boundary and stop. Wait for the processes
+        # themselves (the driver's session): a worker it had just started may not have registered yet.
+        _wait_for(lambda: not _session_alive(driver.pid), timeout=60)
         _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
     cli("run", grid, "--out", out, "--workers", "2", "--threads", "1")
     killed, whole = ResultStore(out).records(), ResultStore(tmp_path / "whole").records()
