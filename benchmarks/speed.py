@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from step_time import FAMILIES, Stepper  # noqa: E402
+from step_time import FAMILIES, Stepper, device_label, synchronize  # noqa: E402
 
 from amortized_bayes.config import DataConfig, FamilyConfig, RunConfig, TrainConfig  # noqa: E402
 from amortized_bayes.data import load_split  # noqa: E402
@@ -69,18 +69,26 @@ COMPILED = ("A-VI k=64", "F-VI")
 
 
 class PyroStepper:
-    def __init__(self, family: str, width: int, x: torch.Tensor, batch_size: int | None, seed: int = 0):
+    """``SVI.step`` of the Pyro model on a shuffled batch. On a GPU the model, its priors and the
+    guide's parameters are created with the GPU as torch's default device (the first step creates
+    AutoNormal's parameters, so it runs under that default too); the data and indices live there."""
+
+    def __init__(self, family: str, width: int, x: torch.Tensor, batch_size: int | None, seed: int = 0,
+                 device: str = "cpu"):
         import pyro
         import pyro_model as pm
 
         pyro.set_rng_seed(seed)
+        self.device = torch.device(device)
         self.n = x.shape[0]
-        self.model = pm.BayesianVAE(self.n, name=f"{family}{width}b{batch_size or 0}")
-        self.guide = pm.make_guide(self.model, family, width)
+        with self.device:
+            self.model = pm.BayesianVAE(self.n, name=f"{family}{width}b{batch_size or 0}")
+            self.guide = pm.make_guide(self.model, family, width)
         self.svi = pm.make_svi(self.model, self.guide)
-        self.x, self.batch_size = x, batch_size
+        self.x, self.batch_size = x.to(self.device), batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.batches: list[torch.Tensor] = []
+        self.started = False
 
     def step(self) -> float:
         if not self.batches:
@@ -88,8 +96,15 @@ class PyroStepper:
             size = self.batch_size or self.n
             self.batches = list(perm.split(size))
         rows = self.batches.pop()
+        if not self.started:
+            with self.device:
+                self.svi.step(self.x[rows.to(self.device)], rows.to(self.device))
+            self.started = True
+        synchronize(self.device)
         start = time.perf_counter()
+        rows = rows.to(self.device)
         self.svi.step(self.x[rows], rows)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
@@ -101,7 +116,9 @@ class FloorStepper:
     """The matrix products of one step on the same shapes, and nothing else: forward a @ W^T per layer;
     backward grad_out^T @ a (weight gradient) and grad_out @ W (input gradient, where one is needed)."""
 
-    def __init__(self, family: FamilyConfig, rows: int, d: int = 64, hidden: int = 256, data_dim: int = 784):
+    def __init__(self, family: FamilyConfig, rows: int, d: int = 64, hidden: int = 256, data_dim: int = 784,
+                 device: str = "cpu"):
+        self.device = torch.device(device)
         g = torch.Generator().manual_seed(0)
         decoder = _linear_shapes([d, hidden, hidden, data_dim])
         layers = [(a, b, True) for a, b in decoder]  # z's gradient is needed by every family
@@ -113,10 +130,11 @@ class FloorStepper:
             a = torch.randn(rows, fan_in, generator=g)
             w = torch.randn(fan_out, fan_in, generator=g)
             grad = torch.randn(rows, fan_out, generator=g)
-            self.ops.append((a, w, grad, input_grad))
+            self.ops.append((a.to(self.device), w.to(self.device), grad.to(self.device), input_grad))
         self.refine = family.refine_steps if family.name == "semi-amortized" else 0
 
     def step(self) -> float:
+        synchronize(self.device)
         start = time.perf_counter()
         for _ in range(1 + 2 * self.refine):  # SA-VI: each refinement step is another pass and its backward
             for a, w, grad, input_grad in self.ops[:3]:
@@ -129,12 +147,21 @@ class FloorStepper:
             torch.mm(grad.T, a)
             if input_grad:
                 torch.mm(grad, w)
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
-def peak_step_memory(step) -> int:
-    """Peak bytes allocated by torch (CPU) during one call of ``step``, from the profiler's memory events."""
+def peak_step_memory(step, device: torch.device) -> int:
+    """Peak bytes allocated by torch during one call of ``step`` above what was allocated before it: on
+    a CPU from the profiler's memory events, on a GPU from the caching allocator's peak statistic."""
     from torch.profiler import ProfilerActivity, profile
+
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device) - before
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -176,15 +203,15 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
     return out
 
 
-def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool = False):
+def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool = False, device: str = "cpu"):
     entries = {}
     for name, fam in FAMILIES:
-        entries[("tool", name)] = Stepper(fam, x, batch_size, "batch")
+        entries[("tool", name)] = Stepper(fam, x, batch_size, "batch", device)
         if with_compile and name in COMPILED:
-            entries[("compiled", name)] = CompiledStepper(fam, x, batch_size, "batch")
-        entries[("floor", name)] = FloorStepper(fam, batch_size or x.shape[0])
+            entries[("compiled", name)] = CompiledStepper(fam, x, batch_size, "batch", device)
+        entries[("floor", name)] = FloorStepper(fam, batch_size or x.shape[0], device=device)
         if with_pyro and name in PYRO_FAMILIES:
-            entries[("pyro", name)] = PyroStepper(*PYRO_FAMILIES[name], x, batch_size)
+            entries[("pyro", name)] = PyroStepper(*PYRO_FAMILIES[name], x, batch_size, device=device)
     for _ in range(warmup):
         for e in entries.values():
             e.step()
@@ -192,16 +219,17 @@ def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool =
     for _ in range(steps):
         for key, e in entries.items():
             times[key].append(e.step())
-    memory = {key: peak_step_memory(e.step) for key, e in entries.items() if key[0] in ("tool", "pyro")}
+    memory = {key: peak_step_memory(e.step, torch.device(device)) for key, e in entries.items()
+              if key[0] in ("tool", "pyro")}
     return times, memory
 
 
-def fvi_scaling(sizes, steps: int, batch: int) -> dict:
+def fvi_scaling(sizes, steps: int, batch: int, device: str = "cpu") -> dict:
     """F-VI seconds per epoch (minibatches of ``batch``) at each N: linear in N means constant per image."""
     out = {}
     for n in sizes:
         x = load_split("mnist", "train", n=n).images
-        s = Stepper(FamilyConfig(name="factorized"), x, batch, "batch")
+        s = Stepper(FamilyConfig(name="factorized"), x, batch, "batch", device)
         for _ in range(2):
             s.step()
         t = [s.step() for _ in range(steps)]
@@ -209,7 +237,7 @@ def fvi_scaling(sizes, steps: int, batch: int) -> dict:
     return out
 
 
-def test_time_cost(x_train: torch.Tensor, x_test: torch.Tensor, epochs: int) -> dict:
+def test_time_cost(x_train: torch.Tensor, x_test: torch.Tensor, epochs: int, device: str = "cpu") -> dict:
     """Seconds per new image to get q(z') with q(theta) frozen, per family, after training each family
     on ``x_train`` (full batch, ``epochs`` epochs, default settings): the encoder's forward pass
     (SA-VI: and its refinement steps), or the trainer's test-time optimisation (F-VI: a factor per image;
@@ -220,12 +248,13 @@ def test_time_cost(x_train: torch.Tensor, x_test: torch.Tensor, epochs: int) -> 
     out = {}
     for name, fam in FAMILIES:
         config = RunConfig(data=DataConfig(n_train=x_train.shape[0], n_test=0), family=fam,
-                           train=TrainConfig(batch_size=None, epochs=epochs, eval_every=epochs))
+                           train=TrainConfig(batch_size=None, epochs=epochs, eval_every=epochs, device=device))
         result = fit(config, TrainingData(x_train, None))
-        infer_local(result.model, result.family, x_test[:10], config.train.test_inference,
-                    torch.Generator().manual_seed(0))  # warm-up
-        post = infer_local(result.model, result.family, x_test, config.train.test_inference,
-                           torch.Generator().manual_seed(1))
+        x_new = x_test.to(device)
+        infer_local(result.model, result.family, x_new[:10], config.train.test_inference,
+                    torch.Generator(device=device).manual_seed(0))  # warm-up
+        post = infer_local(result.model, result.family, x_new, config.train.test_inference,
+                           torch.Generator(device=device).manual_seed(1))
         out[name] = {"seconds_per_image": post.seconds / x_test.shape[0], "steps": post.steps,
                      "converged": post.converged, "images": x_test.shape[0]}
     return out
@@ -245,6 +274,8 @@ def main() -> None:
                         help="full-batch epochs on 1,000 images before timing test-time inference (default 200)")
     parser.add_argument("--compile", action="store_true",
                         help=f"also time the step with torch.compile on the objective ({', '.join(COMPILED)})")
+    parser.add_argument("--device", default="cpu",
+                        help="where the steps run: cpu (default), cuda, cuda:1, ...; the ELBO check stays on the CPU")
     parser.add_argument("--json", default=None, help="write raw timings here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave the C allocator as it is (the tool's workers keep freed memory for reuse)")
@@ -260,9 +291,9 @@ def main() -> None:
         except ImportError:
             raise SystemExit("Pyro is not installed: pip install -e '.[bench]' (or pass --no-pyro)") from None
     x = load_split("mnist", "train", n=args.n).images
-    meta = machine_description()
+    meta = machine_description(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, {meta['cpu_count']} cores, torch {meta['torch']} "
-          f"with {torch.get_num_threads()} threads; {args.steps} timed steps after {args.warmup} warm-up, "
+          f"with {torch.get_num_threads()} threads; device {device_label(meta)}; {args.steps} timed steps after {args.warmup} warm-up, "
           "interleaved; median ms per step\n")
     report = {"meta": meta, "args": vars(args), "cases": {}}
     if with_pyro:
@@ -273,7 +304,7 @@ def main() -> None:
             print(f"  {label}: tool {a['tool']:.1f}, Pyro {a['pyro']:.1f}, difference {a['z']:+.2f} standard errors")
         print()
     for label, batch in ((f"N = {args.n:,} full batch", None), (f"B = {args.batch:,} minibatches", args.batch)):
-        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro, args.compile)
+        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro, args.compile, args.device)
         report["cases"][label] = {"seconds": {f"{k[0]}/{k[1]}": v for k, v in times.items()},
                                   "peak_bytes": {f"{k[0]}/{k[1]}": v for k, v in memory.items()}}
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
@@ -294,14 +325,14 @@ def main() -> None:
         print()
     if not args.no_scaling:
         sizes = (10_000, 30_000, 60_000)
-        scaling = fvi_scaling(sizes, max(5, args.steps // 3), args.batch)
+        scaling = fvi_scaling(sizes, max(5, args.steps // 3), args.batch, args.device)
         report["fvi_epoch_seconds"] = scaling
         base = scaling[sizes[0]] / sizes[0]
         print(f"F-VI seconds per epoch (B = {args.batch:,}): " + ", ".join(
             f"N = {n:,}: {s:.2f} s ({s / n / base:.2f}x the per-image cost at 10k)" for n, s in scaling.items()))
     if not args.no_inference:
         test = load_split("mnist", "test", n=1000).images
-        cost = test_time_cost(x[:1000], test, args.inference_epochs)
+        cost = test_time_cost(x[:1000], test, args.inference_epochs, args.device)
         report["test_time_inference"] = cost
         print(f"\n### Test-time inference: q(z') for 1,000 new images, q(theta) frozen (after {args.inference_epochs} "
               "full-batch epochs on 1,000 images)\n")

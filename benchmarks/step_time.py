@@ -2,8 +2,9 @@
 
     python benchmarks/step_time.py                    # N = 10,000: full batch, and B = 1,000 minibatches
     python benchmarks/step_time.py --n 2000 --steps 5 # a quick look
+    python benchmarks/step_time.py --device cuda      # the same on a GPU
 
-Every family's step is the trainer's own (negative_elbo + backward + Adam/SparseAdam step) on real
+Every family's step is the trainer's own (negative_elbo + backward + Adam, lazy Adam for F-VI's rows) on real
 MNIST images with the default model (d = 64, H = 256, depth 2). Steps of all families are interleaved,
 round after round, so that drift of the machine hits them alike. The minibatch case is timed with both
 local-term schemes of SPEC §3: 'batch' (the encoder and local terms on the batch only) and 'all' (the
@@ -38,41 +39,57 @@ FAMILIES = [
 ]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously; a CPU needs nothing)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Stepper:
     """One family's training state and a closure that performs exactly one trainer step
-    (:func:`amortized_bayes.training.train_step` on the batch the trainer would take)."""
+    (:func:`amortized_bayes.training.train_step` on the batch the trainer would take), on ``device``."""
 
-    def __init__(self, family: FamilyConfig, x: torch.Tensor, batch_size: int | None, local_terms: str):
+    def __init__(self, family: FamilyConfig, x: torch.Tensor, batch_size: int | None, local_terms: str,
+                 device: str = "cpu"):
         n = x.shape[0]
+        self.device = torch.device(device)
         self.config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family,
                                 objective=ObjectiveConfig(local_terms=local_terms),
-                                train=TrainConfig(batch_size=batch_size))
-        self.model, self.family = build(self.config, n)
+                                train=TrainConfig(batch_size=batch_size, device=device))
+        model, family_module = build(self.config, n)
+        self.model, self.family = model.to(self.device), family_module.to(self.device)
         self.optimisers = make_optimisers(self.model, self.family, self.config)
         self.params = [p for opt in self.optimisers for g in opt.param_groups for p in g["params"]]
-        self.x, self.n = x, n
-        self.generator = torch.Generator().manual_seed(0)
+        self.x, self.n = x.to(self.device), n
+        self.batch_generator = torch.Generator().manual_seed(0)  # the batches' order, drawn on the CPU
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
         self.batches: list[torch.Tensor] = []
-        self.x_all = x if local_terms == "all" else None
+        self.x_all = self.x if local_terms == "all" else None
         self.objective = self.config.objective
         self.loss = None  # set by subclasses to replace the objective (e.g. a compiled one)
 
     def step(self) -> float:
         if not self.batches:
-            self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.generator)
+            self.batches = batch_schedule(self.n, self.config.train.batch_size, "shuffled", self.batch_generator)
         rows = self.batches.pop()
+        synchronize(self.device)
         start = time.perf_counter()
-        xb, idx = batch_data(self.x, rows)
+        xb, idx = batch_data(self.x, rows.to(self.device))
         _, bad = train_step(self.model, self.family, self.optimisers, self.params, xb, idx, num_data=self.n,
                             objective=self.objective, generator=self.generator, x_all=self.x_all,
                             loss_fn=self.loss)
         if bad:
             raise RuntimeError(f"non-finite {bad} in the benchmark step")
+        synchronize(self.device)
         return time.perf_counter() - start
 
 
-def run_case(x, batch_size, local_terms, steps, warmup):
-    steppers = {name: Stepper(fam, x, batch_size, local_terms) for name, fam in FAMILIES}
+def device_label(meta: dict) -> str:
+    return f"{meta['device']} ({meta['gpu']})" if "gpu" in meta else meta["device"]
+
+
+def run_case(x, batch_size, local_terms, steps, warmup, device="cpu"):
+    steppers = {name: Stepper(fam, x, batch_size, local_terms, device) for name, fam in FAMILIES}
     for _ in range(warmup):
         for s in steppers.values():
             s.step()
@@ -90,6 +107,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15, help="timed steps per family and case")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the steps run: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--json", default=None, help="write raw timings here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave the C allocator as it is (the tool's workers keep freed memory for reuse)")
@@ -104,10 +122,11 @@ def main() -> None:
              (f"B = {args.batch:,}, local terms 'all' (paper)", args.batch, "all")]
     results = {}
     for label, batch, scheme in cases:
-        results[label] = run_case(x, batch, scheme, args.steps, args.warmup)
-    meta = machine_description()
+        results[label] = run_case(x, batch, scheme, args.steps, args.warmup, args.device)
+    meta = machine_description(args.device)
     print(f"machine: {platform.processor() or platform.machine()}, {meta['cpu_count']} cores, "
-          f"torch {meta['torch']} with {torch.get_num_threads()} threads; {args.steps} timed steps after "
+          f"torch {meta['torch']} with {torch.get_num_threads()} threads; device {device_label(meta)}; "
+          f"{args.steps} timed steps after "
           f"{args.warmup} warm-up, interleaved; median (min-max) ms per step\n")
     names = [name for name, _ in FAMILIES]
     print("| family | " + " | ".join(results) + " |")

@@ -84,6 +84,8 @@ def infer_local(model: BayesianDecoder, family: VariationalFamily, x: torch.Tens
         if family.amortized:
             refine = make_local_elbo(model, 1, generator)
             mu, log_sigma = family.local_params(x, None, refine)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)  # a GPU returns before it has computed: time the work
             return LocalPosterior(mu.detach(), log_sigma.detach(), 0, time.perf_counter() - start, True, family)
         local = warm_start if warm_start is not None else family.for_new_data(x.shape[0])
         steps, seconds, converged = fit_local_family(model, local, x, config, generator)

@@ -1,0 +1,119 @@
+"""The benchmarks measure what BENCHMARKS.md says they measure.
+
+* The floor is the tool's own matrix products: on every family, full batch and minibatches, one floor
+  step multiplies exactly the FLOPs the tool's step multiplies (counted from the profiler's recorded
+  shapes of every matrix product of one real step).
+* Both benchmark commands run end to end on small real data and write every entry they report; the
+  Pyro model estimates the same ELBO as the tool at equal parameters (when Pyro is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from speed import PYRO_FAMILIES, FloorStepper  # noqa: E402
+from step_time import FAMILIES, Stepper  # noqa: E402
+
+MATMULS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1),
+           "aten::baddbmm": (1, 2), "aten::baddbmm_": (1, 2)}
+
+
+def matmul_flops(step) -> int:
+    """2 x m x k x n summed over every matrix product torch runs during ``step()`` (batched products
+    count each batch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    total = 0
+    for event in prof.events():
+        if event.name in MATMULS:
+            a, b = (event.input_shapes[i] for i in MATMULS[event.name])
+            batch = a[0] if len(a) == 3 else 1
+            total += 2 * batch * a[-2] * a[-1] * b[-1]
+    return total
+
+
+@pytest.mark.parametrize("batch_size", [None, 50], ids=["full-batch", "minibatch"])
+@pytest.mark.parametrize("name, family", FAMILIES, ids=[name for name, _ in FAMILIES])
+def test_the_floor_multiplies_exactly_the_tools_matrix_products(name, family, batch_size):
+    x = torch.rand(150, 784)
+    tool = Stepper(family, x, batch_size, "batch")
+    floor = FloorStepper(family, batch_size or x.shape[0])
+    tool.step()  # the optimisers' state exists from here on, as in the timed steps
+    flops = matmul_flops(tool.step)
+    assert flops > 0
+    assert matmul_flops(floor.step) == flops
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.realdata
+def test_step_time_runs_and_times_every_family_in_every_case(tmp_path):
+    report = _run("step_time.py", "--n", "200", "--batch", "50", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
+    assert len(report["seconds"]) == 3  # full batch; minibatches under 'batch' and under 'all'
+    for case, timings in report["seconds"].items():
+        assert set(timings) == {name for name, _ in FAMILIES}, case
+        assert all(len(t) == 2 and min(t) > 0 for t in timings.values()), case
+
+
+@pytest.mark.realdata
+def test_speed_runs_end_to_end_and_pyro_computes_the_same_elbo(tmp_path):
+    try:
+        import pyro  # noqa: F401
+        with_pyro = True
+    except ImportError:
+        with_pyro = False
+    args = ["--n", "300", "--batch", "100", "--steps", "2", "--warmup", "1", "--no-scaling", "--no-inference"]
+    report = _run("speed.py", *args, *([] if with_pyro else ["--no-pyro"]), tmp_path=tmp_path)
+    assert len(report["cases"]) == 2
+    for case in report["cases"].values():
+        expected = {f"{kind}/{name}" for name, _ in FAMILIES for kind in ("tool", "floor")}
+        if with_pyro:
+            expected |= {f"pyro/{name}" for name in PYRO_FAMILIES}
+        assert set(case["seconds"]) == expected
+        assert all(min(t) > 0 for t in case["seconds"].values())
+        assert set(case["peak_bytes"]) == {k for k in expected if not k.startswith("floor/")}
+        assert all(b > 0 for b in case["peak_bytes"].values())
+    if not with_pyro:
+        pytest.skip("Pyro (the bench extra) is not installed: timed without it")
+    agreement = report["elbo_agreement"]
+    assert set(agreement) == {"A-VI k=64", "F-VI", "constant-VI"}
+    for label, a in agreement.items():
+        # Means of 200 single-draw estimates each: equal ELBOs differ by Monte Carlo error only.
+        assert abs(a["z"]) < 4.5, (label, a)
+        assert abs(a["tool"] - a["pyro"]) < 0.01 * abs(a["pyro"]), (label, a)
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_benchmarks_run_on_a_gpu(tmp_path):
+    report = _run("step_time.py", "--device", "cuda", "--n", "200", "--batch", "50", "--steps", "2",
+                  "--warmup", "1", tmp_path=tmp_path)
+    assert report["meta"]["device"] == "cuda" and "gpu" in report["meta"]
+    try:
+        import pyro  # noqa: F401
+        pyro_args = []
+    except ImportError:
+        pyro_args = ["--no-pyro"]
+    report = _run("speed.py", "--device", "cuda", "--n", "300", "--batch", "100", "--steps", "2", "--warmup", "1",
+                  "--no-scaling", "--inference-epochs", "2", *pyro_args, tmp_path=tmp_path)
+    for case in report["cases"].values():
+        assert all(min(t) > 0 for t in case["seconds"].values())
+        assert all(b > 0 for b in case["peak_bytes"].values())
+    assert set(report["test_time_inference"]) == {name for name, _ in FAMILIES}
