@@ -292,20 +292,38 @@ def test_fused_theta_terms_and_residual_decoding_match_the_separate_expressions(
             prior, entropy = objectives.theta_terms(model, theta, "mc", legacy=False)
         if single_theta:
             theta = model.draw(theta.flat[:1], None)
-        z = torch.randn(S, 5, 3, generator=g, dtype=torch.float64)
-        if fused:
-            ll = dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), 0.7)
+        z = torch.randn(S, 5, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+        if fused:  # the trainer's path: the last layer and the likelihood in one node for a single theta
+            ll = objectives.decoded_log_likelihood_total(model, x, z, theta, legacy=False)
         else:
             ll = dens.gaussian_log_likelihood(x, model.decode(z, theta), 0.7).sum()
-        total = ll + prior + entropy
+        total = 1.7 * ll + prior + entropy
         total.backward()
-        return [float(t.detach()) for t in (ll, prior, entropy)], model.theta_loc.grad.clone(), model.theta_log_scale.grad.clone()
+        return ([float(t.detach()) for t in (ll, prior, entropy)], model.theta_loc.grad.clone(),
+                model.theta_log_scale.grad.clone(), z.grad.clone())
 
     for single_theta in (False, True):
-        (v1, gl1, gs1), (v2, gl2, gs2) = run(True, single_theta), run(False, single_theta)
+        (v1, *grads1), (v2, *grads2) = run(True, single_theta), run(False, single_theta)
         assert v1 == pytest.approx(v2, rel=1e-12)
-        torch.testing.assert_close(gl1, gl2, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(gs1, gs2, rtol=1e-10, atol=1e-12)
+        for got, want in zip(grads1, grads2):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_last_layer_fused_with_the_gaussian_likelihood_matches_the_plain_expression():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(6, 9, generator=g, dtype=torch.float64)
+    for scale in (1.0, -2.5):  # the incoming gradient enters the products as a scale factor
+        fused = dens.gaussian_log_likelihood_of_affine_mean(h, w, b, x, 0.3)
+        plain = dens.gaussian_log_likelihood(x, h @ w.T + b, 0.3).sum()
+        assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
+        for got, want in zip(torch.autograd.grad(scale * fused, (h, w, b)), torch.autograd.grad(scale * plain, (h, w, b))):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Only the inputs that need a gradient get one (a frozen decoder: h alone).
+    (g_h,) = torch.autograd.grad(dens.gaussian_log_likelihood_of_affine_mean(h, w.detach(), b.detach(), x, 0.3), h)
+    torch.testing.assert_close(g_h, torch.autograd.grad(dens.gaussian_log_likelihood(x, h @ w.T + b, 0.3).sum(), h)[0])
 
 
 @pytest.mark.parametrize("num_samples", [1, 4])

@@ -139,38 +139,49 @@ class BayesianDecoder(nn.Module):
         flat = self.theta_loc.unsqueeze(0)
         return ThetaDraw(self._split(flat), None, flat, None)
 
+    def features(self, z: torch.Tensor, theta: ThetaDraw) -> torch.Tensor:
+        """The activations entering the last layer: (S, B, H) for z (S, B, d) paired with S draws of theta
+        (or (B, d), or S=1 theta broadcast over z's leading dimension)."""
+        if z.dim() == 2:
+            z = z.unsqueeze(0)
+        single = theta.values[0].shape[0] == 1
+        # One theta for every z: plain matrix products on (S*B, .) rows (mm backward, no batching).
+        h = z.reshape(-1, z.shape[-1]) if single else z
+        for layer in range(len(self.layer_sizes) - 1):
+            weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
+            if single:
+                # Views, not indexing, so that the backward builds no zero-padded weight gradients.
+                h = torch.addmm(bias.view(bias.shape[1:]), h, weight.view(weight.shape[1:]).T)
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            # In place on the fresh product (one buffer less); its backward needs only the output.
+            h = F.leaky_relu_(h, NEGATIVE_SLOPE)
+        return h.view(*z.shape[:-1], -1) if single else h
+
+    def output_layer(self, theta: ThetaDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's weight (S, D, H) and bias (S, D) in ``theta``."""
+        return theta.values[-2], theta.values[-1]
+
     def decode(self, z: torch.Tensor, theta: ThetaDraw, subtract: torch.Tensor | None = None) -> torch.Tensor:
         """Omega(z; theta). z: (S, B, d) paired with S draws of theta (or (B, d), or S=1 theta broadcast
         over z's leading dimension) -> (S, B, D): the Gaussian mean or the Bernoulli logits.
         ``subtract`` (B, D): return Omega - subtract instead (a residual), computed inside the last
         layer's product, which saves a pass over the (S, B, D) output."""
-        if z.dim() == 2:
-            z = z.unsqueeze(0)
-        n_layers = len(self.layer_sizes)
-        single = theta.values[0].shape[0] == 1
-        # One theta for every z: plain matrix products on (S*B, .) rows (mm backward, no batching).
-        h = z.reshape(-1, z.shape[-1]) if single else z
-        for layer in range(n_layers):
-            weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
-            last = layer == n_layers - 1
-            if single:
-                # Views, not indexing, so that the backward builds no zero-padded weight gradients.
-                w, b = weight.view(weight.shape[1:]), bias.view(bias.shape[1:])
-                if last and subtract is not None:
-                    start = b - subtract
-                    if z.shape[0] > 1:
-                        start = start.repeat(z.shape[0], 1)
-                    h = start.addmm_(h, w.T)  # in place on a fresh tensor: b - x + h W^T
-                else:
-                    h = torch.addmm(b, h, w.T)
-            elif last and subtract is not None:
-                h = (bias.unsqueeze(1) - subtract).baddbmm_(h, weight.transpose(1, 2))
-            else:
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-            if not last:
-                # In place on the fresh product (one buffer less); its backward needs only the output.
-                h = F.leaky_relu_(h, NEGATIVE_SLOPE)
-        return h.view(*z.shape[:-1], -1) if single else h
+        h = self.features(z, theta)  # (S, B, H)
+        weight, bias = self.output_layer(theta)
+        S, B = h.shape[0], h.shape[1]
+        if theta.values[0].shape[0] == 1:
+            w, b = weight.view(weight.shape[1:]), bias.view(bias.shape[1:])  # views: see features()
+            rows = h.reshape(S * B, -1)
+            if subtract is None:
+                return torch.addmm(b, rows, w.T).view(S, B, -1)
+            start = b - subtract
+            if S > 1:
+                start = start.repeat(S, 1)
+            return start.addmm_(rows, w.T).view(S, B, -1)  # in place on a fresh tensor: b - x + h W^T
+        if subtract is None:
+            return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return (bias.unsqueeze(1) - subtract).baddbmm_(h, weight.transpose(1, 2))
 
     def reconstruct(self, z_mean: torch.Tensor) -> torch.Tensor:
         """Pixel-space reconstruction at the posterior means: Omega(E[z]; E[theta]) (through a sigmoid for

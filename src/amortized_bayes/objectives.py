@@ -70,8 +70,16 @@ def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Ten
 def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: torch.Tensor, theta: ThetaDraw,
                                  legacy: bool) -> torch.Tensor:
     """``log_likelihood_total`` of ``decode(z, theta)``; for the Gaussian likelihood the residual is formed
-    inside the decoder's last product (one pass fewer over the (S, B, D) output)."""
+    inside the decoder's last product (one pass fewer over the (S, B, D) output), and with one theta for
+    every z the last layer and the likelihood are one node (another pass fewer in the backward)."""
     if not legacy and model.config.likelihood == "gaussian":
+        if theta.num_samples == 1:  # one theta for every z: the last layer fused with the likelihood
+            h = model.features(z, theta)
+            weight, bias = model.output_layer(theta)
+            rows = x if h.shape[0] == 1 else x.repeat(h.shape[0], 1)
+            return dens.gaussian_log_likelihood_of_affine_mean(
+                h.reshape(-1, h.shape[-1]), weight.view(weight.shape[1:]), bias.view(bias.shape[1:]), rows,
+                model.config.obs_var)
         return dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), model.config.obs_var)
     return log_likelihood_total(model, x, model.decode(z, theta), legacy)
 
