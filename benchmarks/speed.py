@@ -153,7 +153,9 @@ class FloorStepper:
 
 def peak_step_memory(step, device: torch.device) -> int:
     """Peak bytes allocated by torch during one call of ``step`` above what was allocated before it: on
-    a CPU from the profiler's memory events, on a GPU from the caching allocator's peak statistic."""
+    a GPU from the caching allocator's peak statistic; on a CPU from the profiler's memory records,
+    each allocation counted once, in the operator that made it (an operator's total would count its
+    children's allocations again), and each free as it happens."""
     from torch.profiler import ProfilerActivity, profile
 
     if device.type == "cuda":
@@ -162,13 +164,12 @@ def peak_step_memory(step, device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         step()
         return torch.cuda.max_memory_allocated(device) - before
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    changes = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     level = peak = 0
-    for e in events:
-        level += e.cpu_memory_usage
+    for e in changes:
+        level += e.self_cpu_memory_usage
         peak = max(peak, level)
     return peak
 

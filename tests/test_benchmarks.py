@@ -117,3 +117,20 @@ def test_both_benchmarks_run_on_a_gpu(tmp_path):
         assert all(min(t) > 0 for t in case["seconds"].values())
         assert all(b > 0 for b in case["peak_bytes"].values())
     assert set(report["test_time_inference"]) == {name for name, _ in FAMILIES}
+
+
+def test_peak_step_memory_counts_each_allocation_once():
+    from speed import peak_step_memory
+
+    a, w, b = torch.randn(300, 40), torch.randn(500, 40), torch.randn(500)
+    size = 300 * 500 * 4
+
+    def step():
+        y = torch.nn.functional.linear(a, w, b)  # aten::linear allocates through its child aten::addmm
+        z = y.exp()
+        del y
+        u = z * 2  # y is gone: two outputs live at once, never three
+        return u.sum() + z.sum()
+
+    peak = peak_step_memory(step, torch.device("cpu"))
+    assert 2 * size <= peak < 2 * size + 1024  # two outputs and a few scalars
