@@ -175,8 +175,9 @@ def peak_step_memory(step, device: torch.device) -> int:
 
 
 def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
-    """-ELBO of both implementations at equal parameters (Pyro's copied into the tool): mean over
-    ``draws`` single-draw estimates each, and the difference in standard errors."""
+    """-ELBO of both implementations at equal parameters (Pyro's copied into the tool; the local factors
+    of F-VI and constant-VI moved off their N(0, I) start first): mean over ``draws`` single-draw
+    estimates each, and the difference in standard errors."""
     import pyro
     import pyro_model as pm
 
@@ -189,6 +190,13 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
         model = pm.BayesianVAE(n, name=f"check{family}")
         guide = pm.make_guide(model, family, max(width, 1))
         guide(x, idx)
+        if family != "amortized":
+            # Every image its own factor (F-VI) and a factor unlike the prior (constant-VI), so that the
+            # check covers which factor goes with which image, not only the shared N(0, I) start.
+            with torch.no_grad():
+                noise = torch.Generator().manual_seed(2)
+                for p in guide.local.parameters():
+                    p.add_(0.5 * torch.randn(p.shape, generator=noise))
         config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=FamilyConfig(name=family, width=max(width, 1)),
                            train=TrainConfig(batch_size=None))
         tool_model, tool_family = build(config, n)

@@ -134,3 +134,15 @@ def test_peak_step_memory_counts_each_allocation_once():
 
     peak = peak_step_memory(step, torch.device("cpu"))
     assert 2 * size <= peak < 2 * size + 1024  # two outputs and a few scalars
+
+
+def test_summarise_speed_takes_each_ratio_within_its_run():
+    from summarise_speed import ratios
+
+    run = {"cases": {"full": {
+        "seconds": {"tool/F-VI": [1.0, 2.0, 9.0], "floor/F-VI": [1.0, 1.0, 1.0], "pyro/F-VI": [3.0, 3.0, 0.5],
+                    "tool/SA-VI": [4.0], "floor/SA-VI": [2.0]},
+        "peak_bytes": {"tool/F-VI": 100, "pyro/F-VI": 450, "tool/SA-VI": 7}}}}
+    got = ratios(run)["full"]
+    assert got["F-VI"] == {"tool/floor": 2.0, "pyro/tool": 1.5, "memory pyro/tool": 4.5}  # medians 2, 1, 3
+    assert got["SA-VI"] == {"tool/floor": 2.0}
