@@ -191,8 +191,9 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
         guide = pm.make_guide(model, family, max(width, 1))
         guide(x, idx)
         if family != "amortized":
-            # Every image its own factor (F-VI) and a factor unlike the prior (constant-VI), so that the
-            # check covers which factor goes with which image, not only the shared N(0, I) start.
+            # Factors unlike the prior, different for every image (F-VI), so that the check covers the
+            # local terms away from the shared N(0, I) start. (At the initial decoder the likelihood
+            # barely depends on z, so it cannot tell which factor goes with which image.)
             with torch.no_grad():
                 noise = torch.Generator().manual_seed(2)
                 for p in guide.local.parameters():

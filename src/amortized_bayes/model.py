@@ -159,8 +159,13 @@ class BayesianDecoder(nn.Module):
         return h.view(*z.shape[:-1], -1) if single else h
 
     def output_layer(self, theta: ThetaDraw) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last layer's weight (S, D, H) and bias (S, D) in ``theta``."""
-        return theta.values[-2], theta.values[-1]
+        """The last layer's weight and bias in ``theta``: (S, D, H) and (S, D), or for a single draw
+        (S = 1) views of shape (D, H) and (D,) (views, so that the backward builds no zero-padded
+        gradients of indexing)."""
+        weight, bias = theta.values[-2], theta.values[-1]
+        if weight.shape[0] == 1:
+            return weight.view(weight.shape[1:]), bias.view(bias.shape[1:])
+        return weight, bias
 
     def decode(self, z: torch.Tensor, theta: ThetaDraw, subtract: torch.Tensor | None = None) -> torch.Tensor:
         """Omega(z; theta). z: (S, B, d) paired with S draws of theta (or (B, d), or S=1 theta broadcast
@@ -170,15 +175,14 @@ class BayesianDecoder(nn.Module):
         h = self.features(z, theta)  # (S, B, H)
         weight, bias = self.output_layer(theta)
         S, B = h.shape[0], h.shape[1]
-        if theta.values[0].shape[0] == 1:
-            w, b = weight.view(weight.shape[1:]), bias.view(bias.shape[1:])  # views: see features()
+        if weight.dim() == 2:  # a single theta for every z
             rows = h.reshape(S * B, -1)
             if subtract is None:
-                return torch.addmm(b, rows, w.T).view(S, B, -1)
-            start = b - subtract
+                return torch.addmm(bias, rows, weight.T).view(S, B, -1)
+            start = bias - subtract
             if S > 1:
                 start = start.repeat(S, 1)
-            return start.addmm_(rows, w.T).view(S, B, -1)  # in place on a fresh tensor: b - x + h W^T
+            return start.addmm_(rows, weight.T).view(S, B, -1)  # in place on a fresh tensor: b - x + h W^T
         if subtract is None:
             return torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
         return (bias.unsqueeze(1) - subtract).baddbmm_(h, weight.transpose(1, 2))

@@ -77,9 +77,8 @@ def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: tor
             h = model.features(z, theta)
             weight, bias = model.output_layer(theta)
             rows = x if h.shape[0] == 1 else x.repeat(h.shape[0], 1)
-            return dens.gaussian_log_likelihood_of_affine_mean(
-                h.reshape(-1, h.shape[-1]), weight.view(weight.shape[1:]), bias.view(bias.shape[1:]), rows,
-                model.config.obs_var)
+            return dens.gaussian_log_likelihood_of_affine_mean(h.reshape(-1, h.shape[-1]), weight, bias, rows,
+                                                               model.config.obs_var)
         return dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), model.config.obs_var)
     return log_likelihood_total(model, x, model.decode(z, theta), legacy)
 
