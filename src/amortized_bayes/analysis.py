@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments.store import ResultStore, read_evals, read_json, read_steps
+from .experiments.store import ResultStore, read_evals, read_json, read_mse_trace, read_steps
 
 BOOTSTRAP_RESAMPLES = 2000
 ELBO_MARGIN = 0.01  # "reaches F-VI's ELBO": -ELBO within 1% of F-VI's
@@ -65,10 +65,20 @@ class RunData:
     evals: list[dict]
     summary: dict
     gap: dict | None = None  # gap.json, once `amortized-bayes gap` has measured the run
+    mse_trace: list[dict] = field(default_factory=list)  # mse_trace.jsonl (train.mse_every)
 
     @property
     def n(self) -> int:
         return self.config.data.n_train or 60_000
+
+    def curve(self, metric: str) -> list[dict]:
+        """Every stored record of ``metric`` in epoch order: the evaluations, and for ``train_mse`` the
+        trace recorded between them (``train.mse_every``), one record per epoch."""
+        records = {e["epoch"]: e for e in self.evals if metric in e}
+        if metric == "train_mse":
+            for e in self.mse_trace:
+                records.setdefault(e["epoch"], e)
+        return [records[epoch] for epoch in sorted(records)]
 
 
 @dataclass
@@ -109,7 +119,7 @@ def load_results(root: str | Path) -> Results:
             continue
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
                       read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {},
-                      read_json(rec.path / "gap.json", None))
+                      read_json(rec.path / "gap.json", None), read_mse_trace(rec.path))
         by_method = results.groups.setdefault(rec.config.data.dataset, {})
         by_method.setdefault(method_label(rec.config), []).append(run)
     for by_method in results.groups.values():
@@ -147,7 +157,7 @@ def method_summary(runs: list[RunData], metric: str, tol: float | None) -> dict:
     per_seed = []
     for r in runs:
         final = r.evals[-1] if r.evals else {}
-        crossing = iterations_to_tolerance(r.evals, metric, tol) if tol is not None else None
+        crossing = iterations_to_tolerance(r.curve(metric), metric, tol) if tol is not None else None
         per_seed.append({
             "seed": r.seed,
             "neg_elbo_per_image": final.get("neg_elbo", math.nan) / r.n,

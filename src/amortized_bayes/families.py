@@ -152,25 +152,44 @@ class SemiAmortizedFamily(AmortizedFamily):
         return mu0 + (mu - mu0).detach(), log_sigma0 + (log_sigma - log_sigma0).detach()
 
 
+def _free_factor_start(shape: tuple[int, ...], loc_sd: float, log_scale: float, log_scale_sd: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Starting means and log sigmas of free factors, each of ``shape``: N(0, loc_sd^2) and
+    N(log_scale, log_scale_sd^2) elementwise, from the global generator (the trainer seeds it before it
+    builds the model); a spread of 0 gives the constant and draws nothing."""
+    loc = torch.randn(shape) * loc_sd if loc_sd > 0 else torch.zeros(shape)
+    log_sigma = (torch.randn(shape) * log_scale_sd + log_scale if log_scale_sd > 0
+                 else torch.full(shape, float(log_scale)))
+    return loc, log_sigma
+
+
 @register_family
 class FactorizedFamily(VariationalFamily):
     """F-VI: free (mu_n, log sigma_n) for every datapoint, stored as (N, d) tables. With ``sparse`` the
-    tables get sparse gradients, so a lazy optimiser moves only the rows of the batch."""
+    tables get sparse gradients, so a lazy optimiser moves only the rows of the batch.
+
+    Training starts each row at mean ~ N(0, ``init_loc_sd``^2) and log sigma ~ N(``init_log_scale``,
+    ``init_log_scale_sd``^2); a family for new images (:meth:`for_new_data`, which test-time inference
+    fits) starts every row at the centre of that distribution (mean 0, log sigma ``init_log_scale``),
+    so that test-time inference draws no random numbers."""
 
     name = "factorized"
     amortized = False
 
-    def __init__(self, num_data: int, latent_dim: int, init_log_scale: float = 0.0, sparse: bool = False):
+    def __init__(self, num_data: int, latent_dim: int, init_log_scale: float = 0.0, sparse: bool = False,
+                 init_loc_sd: float = 0.0, init_log_scale_sd: float = 0.0):
         super().__init__()
         self.init_log_scale, self.sparse = init_log_scale, sparse
         self.loc = nn.Embedding(num_data, latent_dim, sparse=sparse)
         self.log_sigma = nn.Embedding(num_data, latent_dim, sparse=sparse)
-        nn.init.zeros_(self.loc.weight)
-        nn.init.constant_(self.log_sigma.weight, init_log_scale)
+        loc, log_sigma = _free_factor_start((num_data, latent_dim), init_loc_sd, init_log_scale, init_log_scale_sd)
+        with torch.no_grad():
+            self.loc.weight.copy_(loc)
+            self.log_sigma.weight.copy_(log_sigma)
 
     @classmethod
     def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
-        return cls(num_data, latent_dim, config.init_log_scale, sparse)
+        return cls(num_data, latent_dim, config.init_log_scale, sparse, config.init_loc_sd, config.init_log_scale_sd)
 
     @property
     def num_data(self) -> int:
@@ -193,19 +212,22 @@ class FactorizedFamily(VariationalFamily):
 
 @register_family
 class ConstantFamily(VariationalFamily):
-    """Constant-VI: one (mu, log sigma) shared by every datapoint."""
+    """Constant-VI: one (mu, log sigma) shared by every datapoint, started at mean ~ N(0,
+    ``init_loc_sd``^2) and log sigma ~ N(``init_log_scale``, ``init_log_scale_sd``^2) per dimension."""
 
     name = "constant"
     amortized = False
 
-    def __init__(self, latent_dim: int, init_log_scale: float = 0.0):
+    def __init__(self, latent_dim: int, init_log_scale: float = 0.0, init_loc_sd: float = 0.0,
+                 init_log_scale_sd: float = 0.0):
         super().__init__()
-        self.loc = nn.Parameter(torch.zeros(latent_dim))
-        self.log_sigma = nn.Parameter(torch.full((latent_dim,), float(init_log_scale)))
+        loc, log_sigma = _free_factor_start((latent_dim,), init_loc_sd, init_log_scale, init_log_scale_sd)
+        self.loc = nn.Parameter(loc)
+        self.log_sigma = nn.Parameter(log_sigma)
 
     @classmethod
     def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
-        return cls(latent_dim, config.init_log_scale)
+        return cls(latent_dim, config.init_log_scale, config.init_loc_sd, config.init_log_scale_sd)
 
     def local_params(self, x, idx, refine=None):
         b = x.shape[0]

@@ -45,17 +45,20 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class History:
-    """Per-step records (lists of equal length) and per-eval records (a list of dicts)."""
+    """Per-step records (lists of equal length), per-eval records (a list of dicts), and the train-MSE
+    trace (``train.mse_every``): dicts with epoch, step, wall_time (training seconds) and train_mse,
+    one per traced epoch, full evaluations included (their value copied, not recomputed)."""
 
     step: list[int] = field(default_factory=list)
     epoch: list[int] = field(default_factory=list)
     neg_elbo: list[float] = field(default_factory=list)
     wall_time: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    mse_trace: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "neg_elbo": self.neg_elbo,
-                "wall_time": self.wall_time, "evals": self.evals}
+                "wall_time": self.wall_time, "evals": self.evals, "mse_trace": self.mse_trace}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "History":
@@ -217,6 +220,17 @@ def evaluate(model, family, data: TrainingData, config: RunConfig, generator: to
     return record, test_family
 
 
+def train_mse_now(model, family, data: TrainingData, config: RunConfig, epoch: int) -> float:
+    """The train MSE at the variational means, for the trace between full evaluations. SA-VI's
+    refinement draws from its own generator, seeded by (seed, epoch), so that tracing changes neither
+    the training noise nor a resumed run's numbers."""
+    x = data.train
+    idx = torch.arange(x.shape[0], device=x.device)
+    generator = torch.Generator(device=x.device).manual_seed(config.train.seed * 1_000_003 + epoch)
+    mu, _ = local_posterior(model, family, x, idx, generator=generator)
+    return reconstruction_mse(model, mu, x)
+
+
 @dataclass(frozen=True)
 class Checkpointing:
     """Where and how often ``fit`` saves its complete state (at the end of an epoch, once
@@ -304,6 +318,9 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
         record.update(epoch=epoch, step=step, wall_time=train_seconds)
         history.evals.append(record)
+        if t.mse_every:
+            history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds,
+                                      "train_mse": record["train_mse"]})
         if on_eval is not None:
             on_eval(record)
 
@@ -333,6 +350,9 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         result.epochs_done = epoch
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             do_eval(epoch)
+        elif t.mse_every and epoch % t.mse_every == 0:
+            history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds,
+                                      "train_mse": train_mse_now(model, family, data, config, epoch)})
         if checkpoint is not None:
             due = (checkpoint.every_epochs is not None and epoch % checkpoint.every_epochs == 0) or (
                 time.monotonic() - last_save >= checkpoint.every_seconds) or epoch == t.epochs

@@ -22,7 +22,7 @@ from ..config import ConfigError, FamilyConfig, RunConfig
 
 ENCODER_FIELDS = ("width", "depth")
 REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop", "refine_max_norm")
-FREE_FACTOR_FIELDS = ("init_log_scale",)
+FREE_FACTOR_FIELDS = ("init_log_scale", "init_loc_sd", "init_log_scale_sd")
 
 
 def canonical(config: RunConfig) -> RunConfig:

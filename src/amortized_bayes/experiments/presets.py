@@ -14,21 +14,45 @@ def _families(widths: list[int], extra: list[dict] | None = None) -> list[dict]:
     return out + (extra or [])
 
 
+# The published code's starting point (its vae.ipynb): q(theta)'s means exactly 0 (log sd -2, the
+# default), the encoder with PyTorch's Linear init, F-VI's means ~ N(0, 1) and log sds ~ N(-1, 1) per
+# image and dimension, constant-VI's ~ N(0, 1) and N(0, 1), and a random 10,000 of the 60,000 training
+# images (its first batch of a shuffled loader; here a subset seeded by data.subset_seed, recorded in
+# every run's config). Started instead from PyTorch's layer init and zero factors, F-VI sits on the
+# symmetric point z = 0 for hundreds of epochs (train MSE 0.898 at epoch 100 on Fashion-MNIST, where
+# the published runs are near 0.1).
+PUBLISHED_INIT_BASE = {"data": {"subset": "random", "subset_seed": 0}, "model": {"init_loc": "zero"}}
+PUBLISHED_INIT_FAMILY = {
+    "factorized": {"init_loc_sd": 1.0, "init_log_scale": -1.0, "init_log_scale_sd": 1.0},
+    "constant": {"init_loc_sd": 1.0, "init_log_scale": 0.0, "init_log_scale_sd": 1.0},
+}
+
+
 def _paper(datasets: list[str], *, kind: str = "elbo", savi: bool = True, epochs: int = 5000, seeds: int = 10,
-           eval_every: int = 50, name: str, description: str) -> Grid:
+           eval_every: int = 50, mse_every: int = 0, published_init: bool = False, name: str,
+           description: str) -> Grid:
+    base = {
+        "data": {"n_train": 10_000, "n_test": 10_000},
+        "model": {"latent_dim": 64, "hidden": 256, "depth": 2, "obs_var": 1.0},
+        "family": {"depth": 2},
+        "objective": {"kind": kind, "estimator": "mc", "local_terms": "all", "num_samples": 1},
+        "train": {"epochs": epochs, "batch_size": 1000, "batches": "fixed", "lr": 1e-3,
+                  "eval_every": eval_every},
+    }
+    if mse_every:
+        base["train"]["mse_every"] = mse_every
+    variants = _families(WIDTHS, [SAVI_64] if savi else None)
+    if published_init:
+        for section, values in PUBLISHED_INIT_BASE.items():
+            base[section].update(values)
+        for variant in variants:
+            variant["family"].update(PUBLISHED_INIT_FAMILY.get(variant["family"]["name"], {}))
     return Grid(
         name=name,
         description=description,
-        base={
-            "data": {"n_train": 10_000, "n_test": 10_000},
-            "model": {"latent_dim": 64, "hidden": 256, "depth": 2, "obs_var": 1.0},
-            "family": {"depth": 2},
-            "objective": {"kind": kind, "estimator": "mc", "local_terms": "all", "num_samples": 1},
-            "train": {"epochs": epochs, "batch_size": 1000, "batches": "fixed", "lr": 1e-3,
-                      "eval_every": eval_every},
-        },
+        base=base,
         axes={"data.dataset": datasets, "train.seed": list(range(seeds))},
-        variants=_families(WIDTHS, [SAVI_64] if savi else None),
+        variants=variants,
         tolerance={"metric": "train_mse", "mnist": 0.03, "fashion-mnist": 0.03},
     )
 
@@ -68,9 +92,15 @@ PAPER_MNIST = _paper(["mnist"], name="paper-mnist", description="The published e
 PAPER_FASHION = _paper(["fashion-mnist"], name="paper-fashion-mnist",
                        description="The published experiment on Fashion-MNIST with the correct ELBO, plus SA-VI "
                        "(k = 64, K = 5).")
-REPLICATE = _paper(["fashion-mnist", "mnist"], kind="legacy-2024", savi=False, name="replicate-2024",
+# Full evaluations (test-time inference of F-VI and constant-VI on all 10,000 test images: ~30 s each
+# here) every 250 epochs; the train MSE, which the study's claims are about, after every epoch as the
+# published code records it.
+REPLICATE = _paper(["fashion-mnist", "mnist"], kind="legacy-2024", savi=False, eval_every=250, mse_every=1,
+                   published_init=True, name="replicate-2024",
                    description="The published experiment with the published code's objective (legacy-2024, "
-                   "not an ELBO), for number-for-number replication.")
+                   "not an ELBO) and its starting point (q(theta) means 0, F-VI and constant-VI factors "
+                   "drawn at random, a seeded random 10,000 training images), for number-for-number "
+                   "replication.")
 
 PRESETS: dict[str, Grid] = {g.name: g for g in [
     QUICK, PAPER, PAPER_MNIST, PAPER_FASHION, REPLICATE,

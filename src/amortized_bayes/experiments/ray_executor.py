@@ -36,7 +36,7 @@ from .local import Outcome
 from .store import ResultStore, RunRecord, now, read_json
 
 # What a task sends back: everything a local worker leaves in a run's folder.
-RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "summary.json", "model.pt", "state.pt", "log.txt")
+RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "mse_trace.jsonl", "summary.json", "model.pt", "state.pt", "log.txt")
 
 
 class RayUnavailable(RuntimeError):

@@ -8,6 +8,7 @@ Layout of a results folder::
     OUT/runs/<run_id>/status.json   state (pending/running/done/failed), progress, times, error
     OUT/runs/<run_id>/steps.csv     per step: step, epoch, neg_elbo, wall_time
     OUT/runs/<run_id>/evals.jsonl   per evaluation: every metric of SPEC §4
+    OUT/runs/<run_id>/mse_trace.jsonl  train MSE every train.mse_every epochs (when > 0)
     OUT/runs/<run_id>/summary.json  final metrics, time per step, versions and machine
     OUT/runs/<run_id>/state.pt      training checkpoint (resume); model.pt: the fitted model
     OUT/runs/<run_id>/log.txt       the worker's output
@@ -185,6 +186,9 @@ def write_run_outputs(path: Path, result, *, final: bool) -> None:
         buffer.write(f"{row[0]},{row[1]},{row[2]!r},{row[3]!r}\n")
     atomic_write_text(path / "steps.csv", buffer.getvalue())
     atomic_write_text(path / "evals.jsonl", "".join(json.dumps(e, sort_keys=True) + "\n" for e in h.evals))
+    if h.mse_trace:
+        atomic_write_text(path / "mse_trace.jsonl",
+                          "".join(json.dumps(e, sort_keys=True) + "\n" for e in h.mse_trace))
     step_times = [b - a for a, b in zip([0.0] + h.wall_time[:-1], h.wall_time)]
     n = result.config.data.n_train or 60_000
     last = h.evals[-1] if h.evals else {}
@@ -215,5 +219,13 @@ def read_steps(path: Path) -> dict[str, list]:
 def read_evals(path: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in (path / "evals.jsonl").read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def read_mse_trace(path: Path) -> list[dict]:
+    """mse_trace.jsonl (epoch, step, wall_time, train_mse per traced epoch); [] for a run without one."""
+    try:
+        return [json.loads(line) for line in (path / "mse_trace.jsonl").read_text().splitlines() if line.strip()]
     except OSError:
         return []
