@@ -4,7 +4,8 @@
 
 For each results folder: the final metrics with A-VI / F-VI ratios (95% bootstrap intervals over
 seeds); -ELBO per image and train MSE along training (medians over seeds); epochs and training
-seconds to each tolerance in ``--tolerances`` with A-VI's speed-up over F-VI in both; and, where
+seconds to each tolerance in ``--tolerances`` with A-VI's speed-up over F-VI in both (seeds that never
+reach a tolerance censored at their last evaluation, as in the report: ``analysis.speedup``); and, where
 ``amortized-bayes gap`` has measured the runs, the amortization gap per method.
 """
 
@@ -15,8 +16,8 @@ import math
 
 import numpy as np
 
-from amortized_bayes.analysis import (bootstrap_ratio_ci, dataset_table, gap_table, iterations_to_tolerance,
-                                      load_results, method_order)
+from amortized_bayes.analysis import (censored_median, dataset_table, first_crossing, gap_table, load_results,
+                                      method_order, speedup)
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
@@ -56,36 +57,25 @@ def trajectory_table(results, key: str, scale_by_n: bool, epochs: list[int], dig
         for label, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
             cells = []
             for epoch in epochs:
-                values = [_at_epoch(r.evals, epoch, key) / (r.n if scale_by_n else 1) for r in runs]
+                values = [_at_epoch(r.curve(key), epoch, key) / (r.n if scale_by_n else 1) for r in runs]
                 cells.append(f"{np.median(values):.{digits}f}")
             lines.append(f"| {NAMES[dataset]} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def _crossings(runs, tol: float) -> tuple[list[float | None], list[float | None]]:
-    hits = [iterations_to_tolerance(r.evals, "train_mse", tol) for r in runs]
-    return [h["epoch"] if h else None for h in hits], [h["seconds"] if h else None for h in hits]
+def _crossings(runs, tol: float) -> list:
+    return [c for c in (first_crossing(r.curve("train_mse"), "train_mse", tol) for r in runs) if c is not None]
 
 
-def _median_reached(values: list[float | None]) -> str:
-    reached = [v for v in values if v is not None]
-    if not reached:
-        return f"never (0/{len(values)})"
-    # A seed that never reached the tolerance counts as infinitely late.
-    median = float(np.median(sorted(reached) + [math.inf] * (len(values) - len(reached))))
-    text = "never" if math.isinf(median) else f"{median:.0f}"
-    return f"{text} ({len(reached)}/{len(values)})"
-
-
-def _speedup(avi: list[float | None], fvi: list[float | None]) -> str:
-    if any(v is None for v in avi):
-        return "A-VI not in every seed"
-    if all(v is None for v in fvi):
-        return "F-VI never: A-VI ahead"
-    if any(v is None for v in fvi):
-        return "F-VI not in every seed"
-    ratio = float(np.median(fvi) / np.median(avi))
-    return f"{ratio:.2f} ({_ci(bootstrap_ratio_ci(fvi, avi))})"
+def _median_reached(crossings: list, unit: str) -> str:
+    reached = sum(c.reached for c in crossings)
+    lower, upper = censored_median([getattr(c, unit) for c in crossings], [c.reached for c in crossings])
+    # Seeds that never reached the tolerance are censored at their last evaluation: where they decide
+    # the median, it is at least the value shown.
+    text = f"{upper:.0f}" if math.isfinite(upper) else (f">= {lower:.0f}" if reached < len(crossings) else "-")
+    if reached == 0:
+        text = f"never (>= {lower:.0f})"
+    return f"{text} ({reached}/{len(crossings)})"
 
 
 def tolerance_table(results, tolerances: list[float]) -> list[str]:
@@ -96,15 +86,16 @@ def tolerance_table(results, tolerances: list[float]) -> list[str]:
         groups = results.groups.get(dataset, {})
         fvi = next((runs for label, runs in groups.items() if label.startswith("F-VI")), None)
         for tol in tolerances:
-            f_epochs, f_seconds = _crossings(fvi, tol) if fvi else ([], [])
+            f_cross = _crossings(fvi, tol) if fvi else []
             for label, runs in sorted(groups.items(), key=lambda kv: method_order(kv[0])):
-                epochs, seconds = _crossings(runs, tol)
-                if label.startswith("A-VI") and fvi:
-                    speed = f"{_speedup(epochs, f_epochs)} | {_speedup(seconds, f_seconds)}"
+                cross = _crossings(runs, tol)
+                if label.startswith("A-VI") and f_cross and cross:
+                    speed = (f"{speedup(f_cross, cross, 'epochs').describe()} | "
+                             f"{speedup(f_cross, cross, 'seconds').describe()}")
                 else:
                     speed = " | "
-                lines.append(f"| {NAMES[dataset]} | {tol:g} | {label} | {_median_reached(epochs)} | "
-                             f"{_median_reached(seconds)} | {speed} |")
+                lines.append(f"| {NAMES[dataset]} | {tol:g} | {label} | {_median_reached(cross, 'epochs')} | "
+                             f"{_median_reached(cross, 'seconds')} | {speed} |")
     return lines
 
 

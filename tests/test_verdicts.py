@@ -1,0 +1,133 @@
+"""The speed-up to tolerance and the verdicts, on synthetic crossings written out by hand: a seed that
+never reaches the tolerance is censored at its last evaluation, and censoring can only weaken a claim."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from amortized_bayes.analysis import (Crossing, Results, RunData, censored_median, dataset_table, first_crossing,
+                                      speedup)
+from amortized_bayes.config import FamilyConfig, RunConfig, TrainConfig
+
+
+def hit(seconds: float, epochs: float | None = None) -> Crossing:
+    return Crossing(epochs if epochs is not None else 10 * seconds, seconds, True)
+
+
+def never(seconds: float, epochs: float | None = None) -> Crossing:
+    return Crossing(epochs if epochs is not None else 10 * seconds, seconds, False)
+
+
+def test_first_crossing_and_censoring_point():
+    curve = [{"epoch": 0, "step": 0, "wall_time": 0.0, "train_mse": 0.2},
+             {"epoch": 5, "step": 50, "wall_time": 1.5, "train_mse": 0.09},
+             {"epoch": 10, "step": 100, "wall_time": 3.0, "train_mse": 0.04}]
+    assert first_crossing(curve, "train_mse", 0.1) == Crossing(5, 1.5, True)
+    assert first_crossing(curve, "train_mse", 0.04) == Crossing(10, 3.0, True)
+    assert first_crossing(curve, "train_mse", 0.01) == Crossing(10, 3.0, False)  # ran 10 epochs without it
+    assert first_crossing([], "train_mse", 0.1) is None
+
+
+def test_censored_median_bounds():
+    assert censored_median([1, 2, 3], [True, True, True]) == (2, 2)
+    # The censored seed is above the median either way: the median is known.
+    assert censored_median([1, 2, 5], [True, True, False]) == (2, 2)
+    # Two of three censored: the median is at least 5, and nothing bounds it above.
+    assert censored_median([1, 5, 7], [True, False, False]) == (5, math.inf)
+    assert censored_median([1, 3], [True, False]) == (2, math.inf)
+
+
+def test_exact_speedup_is_the_ratio_of_medians_with_an_interval_around_it():
+    s = speedup([hit(4.0), hit(4.4), hit(5.0)], [hit(2.0), hit(2.2), hit(1.9)])
+    assert s.exact and s.low == s.high == pytest.approx(4.4 / 2.0)
+    lo, hi = s.ci
+    assert lo < s.low < hi
+    # Bounds of the bootstrap: every resampled ratio lies between min(F)/max(A) and max(F)/min(A).
+    assert lo >= 4.0 / 2.2 - 1e-12 and hi <= 5.0 / 1.9 + 1e-12
+    assert s.describe().startswith("2.20x (95% CI ")
+    epochs = speedup([hit(4.0, 100), hit(4.4, 120), hit(5.0, 140)], [hit(2.0, 20), hit(2.2, 30), hit(1.9, 40)],
+                     unit="epochs")
+    assert epochs.low == pytest.approx(120 / 30)
+
+
+def test_fvi_censored_gives_a_lower_bound_only():
+    # F-VI: one seed at 10 s, two never within 30 s and 40 s; A-VI all at 2 s.
+    s = speedup([hit(10.0), never(30.0), never(40.0)], [hit(2.0), hit(2.0), hit(2.0)])
+    assert s.low == pytest.approx(30.0 / 2.0) and math.isinf(s.high) and not s.exact
+    assert s.describe().startswith("at least 15.00x")
+    assert s.ci[0] == pytest.approx(10.0 / 2.0)  # the resample of F-VI's fastest seed three times
+    assert math.isinf(s.ci[1])
+
+
+def test_avi_censored_gives_an_upper_bound_only():
+    s = speedup([hit(10.0), hit(11.0), hit(12.0)], [hit(2.0), never(50.0), never(60.0)])
+    assert s.low == 0 and s.high == pytest.approx(11.0 / 50.0)
+    assert s.describe().startswith("at most 0.22x")
+
+
+def test_all_censored_is_unknown():
+    s = speedup([never(3.0), never(3.0)], [never(5.0), never(6.0)])
+    assert not s.known and s.describe().startswith("unknown")
+
+
+def _run(family: FamilyConfig, seed: int, curve: list[tuple[int, float, float]], neg_elbo: float) -> RunData:
+    """A finished run whose evaluations are (epoch, seconds, train MSE) with a final -ELBO."""
+    config = RunConfig(family=family, train=TrainConfig(seed=seed))
+    evals = [{"epoch": e, "step": 10 * e, "wall_time": t, "train_mse": m, "neg_elbo": neg_elbo * 1000}
+             for e, t, m in curve]
+    return RunData(f"run-{family.name}-{family.width}-{seed}", Path("."), config, seed, {}, evals,
+                   {"seconds_per_step": 0.01})
+
+
+def _results(fvi_curves, avi_curves, fvi_elbo=100.0, avi_elbo=100.0) -> Results:
+    results = Results(Path("."), {"tolerance": {"metric": "train_mse", "mnist": 0.05}})
+    results.groups["mnist"] = {
+        "F-VI": [_run(FamilyConfig(name="factorized"), s, c, fvi_elbo) for s, c in enumerate(fvi_curves)],
+        "A-VI k=64": [_run(FamilyConfig(width=64), s, c, avi_elbo) for s, c in enumerate(avi_curves)],
+    }
+    return results
+
+
+def _speed_verdict(results: Results) -> dict:
+    table = dataset_table(results, "mnist")
+    return next(v for v in table["verdicts"] if v["claim"] == "A-VI is 2-3x faster than F-VI")
+
+
+def test_fvi_seed_that_reached_first_cannot_make_the_claim_supported():
+    # The case that used to read "supported": F-VI's one seed that reached the tolerance did so at 1 s,
+    # A-VI's at 2 s; F-VI's other seed ran 3 s without reaching it.
+    fvi = [[(0, 0.0, 0.2), (10, 1.0, 0.04), (30, 3.0, 0.03)], [(0, 0.0, 0.2), (10, 1.0, 0.08), (30, 3.0, 0.06)]]
+    avi = [[(0, 0.0, 0.2), (20, 2.0, 0.04), (30, 3.0, 0.03)]] * 2
+    verdict = _speed_verdict(_results(fvi, avi))
+    assert verdict["verdict"] == "not supported"
+    assert "at least 1.00x" in verdict["why"]
+
+
+def test_each_speed_verdict_branch():
+    reach = lambda t: [(0, 0.0, 0.2), (10, t, 0.04)]  # noqa: E731 - reaches 0.05 at t seconds
+    stall = lambda t: [(0, 0.0, 0.2), (10, t, 0.08)]  # noqa: E731 - never reaches it, ran t seconds
+    assert _speed_verdict(_results([reach(10), reach(11)], [reach(2), reach(2.2)]))["verdict"] == "supported"
+    assert _speed_verdict(_results([reach(3), reach(3.2)], [reach(2), reach(2.2)]))["verdict"].startswith(
+        "partly supported")
+    assert _speed_verdict(_results([reach(2), reach(2.2)], [reach(3), reach(3.2)]))["verdict"] == "not supported"
+    assert _speed_verdict(_results([stall(2), stall(2)], [stall(3), stall(3)]))["verdict"] == "not testable"
+    # F-VI censored late enough that even its lower bound is over 2x A-VI's: supported, and says "at least".
+    verdict = _speed_verdict(_results([stall(50), stall(60)], [reach(2), reach(2.5)]))
+    assert verdict["verdict"] == "supported" and "at least" in verdict["why"]
+    # A-VI censored where F-VI reached: not supported.
+    assert _speed_verdict(_results([reach(2), reach(2)], [stall(9), stall(9)]))["verdict"] == "not supported"
+
+
+def test_elbo_verdict_branches():
+    curve = [(0, 0.0, 0.2), (10, 1.0, 0.04)]
+
+    def elbo_verdict(fvi_elbo, avi_elbo):
+        table = dataset_table(_results([curve, curve], [curve, curve], fvi_elbo, avi_elbo), "mnist")
+        return table["verdicts"][0]["verdict"]
+
+    assert elbo_verdict(100.0, 100.5) == "supported"  # within 1%
+    assert elbo_verdict(100.0, 105.0) == "not supported"  # 5% worse
+    assert elbo_verdict(100.0, 90.0) == "supported"  # better than F-VI
