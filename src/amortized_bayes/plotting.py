@@ -83,17 +83,19 @@ def elbo_curves(results: Results, dataset: str, out: Path) -> list[Path]:
 
 
 def mse_curves(results: Results, dataset: str, out: Path) -> list[Path]:
-    """Train and test reconstruction MSE against epochs (evaluation points)."""
+    """Train and test reconstruction MSE against epochs: the evaluation points, and for the train MSE
+    every traced epoch where the runs have a trace (``train.mse_every``)."""
     col = colours(results)
     metric, tol = results.tolerance(dataset)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
     for key, ax in zip(("train_mse", "test_mse"), axes):
         for label, runs in sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0])):
-            length = min(len(r.evals) for r in runs)
-            if length == 0 or any(key not in e for r in runs for e in r.evals[:length]):
+            curves = [r.curve(key) for r in runs]
+            length = min(len(c) for c in curves)
+            if length == 0:
                 continue
-            epochs = [e["epoch"] for e in runs[0].evals[:length]]
-            _band(ax, epochs, [[e[key] for e in r.evals[:length]] for r in runs], col[label], label, True)
+            epochs = [e["epoch"] for e in curves[0][:length]]
+            _band(ax, epochs, [[e[key] for e in c[:length]] for c in curves], col[label], label, True)
         if tol is not None and key == metric:
             ax.axhline(tol, color="black", ls="--", lw=0.8, label=f"tolerance {tol}")
         ax.set_xlabel("epoch")
