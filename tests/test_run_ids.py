@@ -1,0 +1,97 @@
+"""Run ids: a run is identified by exactly the fields that define it (issue 21). Every field a family
+uses changes the id; a field it does not use does not; the hash is the documented one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import fields, is_dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amortized_bayes.config import RunConfig
+from amortized_bayes.experiments.grid import run_hash, run_id
+
+# The family fields each family uses, written out by hand (not taken from the code under test).
+USED_BY = {
+    "amortized": {"width", "depth"},
+    "semi-amortized": {"width", "depth", "refine_steps", "refine_lr", "refine_backprop", "refine_max_norm"},
+    "factorized": {"init_log_scale", "init_loc_sd", "init_log_scale_sd"},
+    "constant": {"init_log_scale", "init_loc_sd", "init_log_scale_sd"},
+}
+FAMILY_FIELDS = set().union(*USED_BY.values())
+# A valid value other than the default for every string and optional field.
+ALTERNATIVES = {
+    "data.dataset": "fashion-mnist", "data.subset": "random", "data.binarize": "threshold",
+    "data.n_train": 500, "data.n_test": None, "model.likelihood": "bernoulli", "model.init_loc": "zero",
+    "objective.kind": "legacy-2024", "objective.estimator": "analytic", "objective.local_terms": "all",
+    "train.batch_size": 100, "train.batches": "fixed", "train.device": "cuda", "family.refine_backprop": False,
+}
+
+
+def leaves(config=None, prefix=""):
+    config = config if config is not None else RunConfig()
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value
+
+
+def changed(raw: dict, dotted: str, value) -> RunConfig:
+    raw = json.loads(json.dumps(raw))
+    node = raw
+    *path, last = dotted.split(".")
+    for key in path:
+        node = node[key]
+    node[last] = value
+    return RunConfig.from_dict(raw)
+
+
+def other_value(dotted: str, value):
+    if dotted in ALTERNATIVES:
+        return ALTERNATIVES[dotted]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.25
+    raise AssertionError(f"no alternative value for {dotted}={value!r}")
+
+
+@pytest.mark.parametrize("family", sorted(USED_BY))
+def test_every_used_field_changes_the_id_and_no_unused_one_does(family):
+    base = changed(RunConfig().to_dict(), "family.name", family)
+    raw = base.to_dict()
+    for dotted, value in leaves(base):
+        if dotted == "family.name":
+            continue
+        other = changed(raw, dotted, other_value(dotted, value))
+        name = dotted.split(".", 1)[1]
+        if dotted.startswith("family.") and name not in USED_BY[family]:
+            assert run_id(other) == run_id(base), f"{family}: unused {dotted} changed the id"
+        else:
+            assert run_hash(other) != run_hash(base), f"{family}: {dotted} did not change the id"
+    # Every family field is covered by the table above (a new field must be classified there).
+    assert {d.split(".", 1)[1] for d, _ in leaves() if d.startswith("family.")} - {"name"} == FAMILY_FIELDS
+
+
+@settings(max_examples=60, deadline=None)
+@given(lr=st.floats(1e-6, 1.0), seed=st.integers(0, 10**6), width=st.integers(1, 4096))
+def test_ids_of_random_values_differ_exactly_when_the_values_do(lr, seed, width):
+    a = changed(changed(changed(RunConfig().to_dict(), "train.lr", lr).to_dict(), "train.seed", seed).to_dict(),
+                "family.width", width)
+    b = changed(a.to_dict(), "train.lr", lr * 1.5)
+    assert run_hash(a) != run_hash(b)
+    assert run_hash(a) == run_hash(RunConfig.from_dict(json.loads(json.dumps(a.to_dict()))))
+
+
+def test_the_hash_is_sha256_of_the_non_default_fields_as_compact_sorted_json():
+    # Computed by hand: only train.lr differs from the defaults.
+    text = json.dumps({"train": {"lr": 0.01}}, sort_keys=True, separators=(",", ":"))
+    expected = hashlib.sha256(text.encode()).hexdigest()[:10]
+    assert run_hash(changed(RunConfig().to_dict(), "train.lr", 0.01)) == expected
