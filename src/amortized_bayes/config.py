@@ -7,8 +7,11 @@ runs, with the field and the reason.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, Optional
+import math
+import re
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, Literal, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -22,6 +25,57 @@ def _check(condition: bool, name: str, reason: str) -> None:
 
 def _one_of(value: Any, allowed: tuple, name: str) -> None:
     _check(value in allowed, name, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+# Run ids and grid names become folder names: letters, digits and . _ + - only, not starting with a
+# dot, at most 100 characters (no separator, no '..', nothing a shell or a file system reads specially).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def check_safe_name(value: str, name: str) -> str:
+    _check(isinstance(value, str) and SAFE_NAME.fullmatch(value) is not None and ".." not in value, name,
+           f"must be 1-100 letters, digits, '.', '_', '+' or '-', not starting with '.' and without '..'; "
+           f"got {value!r}")
+    return value
+
+
+def _check_type(value: Any, hint: Any, name: str) -> None:
+    """Refuse ``value`` unless it has the type the field declares: bool, int (not bool), a finite float
+    (an int is accepted), str, a Literal's values, Optional[...] (None), or a nested config."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        _one_of(value, typing.get_args(hint), name)
+        return
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+        _check_type(value, hint, name)
+        return
+    if hint is bool:
+        _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+    elif hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, f"must be an integer, got {value!r}")
+    elif hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+               f"must be a number, got {value!r}")
+        _check(math.isfinite(value), name, f"must be finite, got {value!r}")
+    elif hint is str:
+        _check(isinstance(value, str), name, f"must be a string, got {value!r}")
+    elif is_dataclass(hint):
+        _check(isinstance(value, hint), name, f"must be a table of {hint.__name__} fields, got {value!r}")
+
+
+def _check_types(instance: Any, prefix: str) -> None:
+    """Every field of a config dataclass against its annotation (see :func:`_check_type`)."""
+    hints = typing.get_type_hints(type(instance))
+    for f in fields(instance):
+        _check_type(getattr(instance, f.name), hints[f.name], f"{prefix}.{f.name}")
+
+
+def _in_range(value, low, high, name: str) -> None:
+    _check(low <= value <= high, name, f"must be between {low} and {high}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -38,16 +92,20 @@ class DataConfig:
     binarize_seed: int = 0
 
     def __post_init__(self):
-        from .data.registry import DATASETS, ALIASES
+        from .data.registry import ALIASES, DATASETS
 
-        _check(self.dataset.lower() in DATASETS or self.dataset.lower() in ALIASES, "data.dataset",
-               f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        _check_types(self, "data")
+        key = self.dataset.strip().lower()
+        key = ALIASES.get(key, key)
+        _check(key in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        # One spelling per dataset, so that aliases and case cannot make two run ids for the same data.
+        object.__setattr__(self, "dataset", key)
         _check(self.n_train is None or 1 <= self.n_train <= 60_000, "data.n_train",
                f"must be between 1 and 60000 (the training split's size), got {self.n_train}")
         _check(self.n_test is None or 0 <= self.n_test <= 10_000, "data.n_test",
                f"must be between 0 and 10000 (the test split's size), got {self.n_test}")
-        _one_of(self.subset, ("first", "random"), "data.subset")
-        _one_of(self.binarize, ("none", "threshold", "stochastic"), "data.binarize")
+        _in_range(self.subset_seed, 0, 2**32 - 1, "data.subset_seed")
+        _in_range(self.binarize_seed, 0, 2**63 - 1, "data.binarize_seed")
 
 
 @dataclass(frozen=True)
@@ -70,14 +128,15 @@ class ModelConfig:
     init_log_scale: float = -2.0
 
     def __post_init__(self):
-        _check(self.latent_dim >= 1, "model.latent_dim", f"must be >= 1, got {self.latent_dim}")
-        _check(self.hidden >= 1, "model.hidden", f"must be >= 1, got {self.hidden}")
-        _check(self.depth >= 0, "model.depth", f"must be >= 0, got {self.depth}")
-        _check(self.data_dim >= 1, "model.data_dim", f"must be >= 1, got {self.data_dim}")
+        _check_types(self, "model")
+        # Upper bounds keep a typo from allocating terabytes: far above any model this tool trains.
+        _in_range(self.latent_dim, 1, 4096, "model.latent_dim")
+        _in_range(self.hidden, 1, 65_536, "model.hidden")
+        _in_range(self.depth, 0, 64, "model.depth")
+        _in_range(self.data_dim, 1, 1_000_000, "model.data_dim")
         _check(self.prior_scale > 0, "model.prior_scale", f"must be > 0, got {self.prior_scale}")
         _check(self.obs_var > 0, "model.obs_var", f"must be > 0, got {self.obs_var}")
-        _one_of(self.likelihood, ("gaussian", "bernoulli"), "model.likelihood")
-        _one_of(self.init_loc, ("default", "zero"), "model.init_loc")
+        _in_range(self.init_log_scale, -100.0, 20.0, "model.init_log_scale")
 
 
 @dataclass(frozen=True)
@@ -111,12 +170,14 @@ class FamilyConfig:
     def __post_init__(self):
         from .families import FAMILIES
 
+        _check_types(self, "family")
         _check(self.name in FAMILIES, "family.name", f"unknown family {self.name!r}; known: {', '.join(FAMILIES)}")
-        _check(self.width >= 1, "family.width", f"must be >= 1, got {self.width}")
-        _check(self.depth >= 0, "family.depth", f"must be >= 0, got {self.depth}")
+        _in_range(self.width, 1, 65_536, "family.width")
+        _in_range(self.depth, 0, 64, "family.depth")
+        _in_range(self.init_log_scale, -100.0, 20.0, "family.init_log_scale")
         _check(self.init_loc_sd >= 0, "family.init_loc_sd", f"must be >= 0, got {self.init_loc_sd}")
         _check(self.init_log_scale_sd >= 0, "family.init_log_scale_sd", f"must be >= 0, got {self.init_log_scale_sd}")
-        _check(self.refine_steps >= 0, "family.refine_steps", f"must be >= 0, got {self.refine_steps}")
+        _in_range(self.refine_steps, 0, 10_000, "family.refine_steps")
         _check(self.refine_lr > 0, "family.refine_lr", f"must be > 0, got {self.refine_lr}")
         _check(self.refine_max_norm >= 0, "family.refine_max_norm", f"must be >= 0, got {self.refine_max_norm}")
 
@@ -133,10 +194,8 @@ class ObjectiveConfig:
     num_samples: int = 1
 
     def __post_init__(self):
-        _one_of(self.kind, ("elbo", "legacy-2024"), "objective.kind")
-        _one_of(self.estimator, ("mc", "analytic"), "objective.estimator")
-        _one_of(self.local_terms, ("batch", "all"), "objective.local_terms")
-        _check(self.num_samples >= 1, "objective.num_samples", f"must be >= 1, got {self.num_samples}")
+        _check_types(self, "objective")
+        _in_range(self.num_samples, 1, 100_000, "objective.num_samples")
         _check(not (self.kind == "legacy-2024" and self.estimator == "analytic"), "objective.estimator",
                "legacy-2024 is defined by its Monte Carlo terms; use estimator='mc'")
 
@@ -154,9 +213,12 @@ class LocalInferenceConfig:
     max_steps: int = 2000
 
     def __post_init__(self):
-        _check(self.lr > 0, "test_inference.lr", f"must be > 0, got {self.lr}")
-        _check(self.window >= 1, "test_inference.window", f"must be >= 1, got {self.window}")
-        _check(self.max_steps >= 1, "test_inference.max_steps", f"must be >= 1, got {self.max_steps}")
+        _check_types(self, "train.test_inference")
+        _check(self.lr > 0, "train.test_inference.lr", f"must be > 0, got {self.lr}")
+        _in_range(self.num_samples, 1, 100_000, "train.test_inference.num_samples")
+        _in_range(self.window, 1, 1_000_000, "train.test_inference.window")
+        _check(self.rtol >= 0, "train.test_inference.rtol", f"must be >= 0, got {self.rtol}")
+        _in_range(self.max_steps, 1, 10_000_000, "train.test_inference.max_steps")
 
 
 @dataclass(frozen=True)
@@ -187,15 +249,18 @@ class TrainConfig:
     test_inference: LocalInferenceConfig = field(default_factory=LocalInferenceConfig)
 
     def __post_init__(self):
-        _check(self.epochs >= 0, "train.epochs", f"must be >= 0, got {self.epochs}")
-        _check(self.batch_size is None or self.batch_size >= 1, "train.batch_size",
-               f"must be >= 1 or None (full batch), got {self.batch_size}")
-        _one_of(self.batches, ("shuffled", "fixed"), "train.batches")
+        _check_types(self, "train")
+        _in_range(self.epochs, 0, 10_000_000, "train.epochs")
+        _check(self.batch_size is None or 1 <= self.batch_size <= 1_000_000, "train.batch_size",
+               f"must be between 1 and 1000000, or None (full batch), got {self.batch_size}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _in_range(self.seed, 0, 2**63 - 1, "train.seed")
+        _check(re.fullmatch(r"cpu|mps|cuda(:[0-9]{1,3})?", self.device) is not None, "train.device",
+               f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.eval_every >= 1, "train.eval_every", f"must be >= 1, got {self.eval_every}")
+        _in_range(self.eval_every, 1, 10_000_000, "train.eval_every")
         _check(self.mse_every >= 0, "train.mse_every", f"must be >= 0 (0: off), got {self.mse_every}")
-        _check(self.eval_samples >= 1, "train.eval_samples", f"must be >= 1, got {self.eval_samples}")
+        _in_range(self.eval_samples, 1, 100_000, "train.eval_samples")
 
 
 @dataclass(frozen=True)
@@ -209,6 +274,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        _check_types(self, "config")
         n = self.data.n_train
         if n is not None and self.train.batch_size is not None:
             _check(self.train.batch_size <= n, "train.batch_size",

@@ -14,11 +14,12 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, FamilyConfig, RunConfig
+from ..config import ConfigError, FamilyConfig, RunConfig, check_safe_name
 
 ENCODER_FIELDS = ("width", "depth")
 REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop", "refine_max_norm")
@@ -81,8 +82,10 @@ def describe_run(config: RunConfig) -> str:
 
 
 def run_id(config: RunConfig) -> str:
-    """The stable id of a run: its label and the hash of its canonical config."""
-    return f"{describe_run(config)}-{run_hash(config)}"
+    """The stable id of a run: its label and the hash of its canonical config. It names the run's
+    folder, so it is checked against :data:`~amortized_bayes.config.SAFE_NAME` (a family registered
+    under a name with a '/' cannot escape the results folder)."""
+    return check_safe_name(f"{describe_run(config)}-{run_hash(config)}", "run id")
 
 
 def set_path(raw: dict, dotted: str, value: Any) -> None:
@@ -122,6 +125,17 @@ class Grid:
     # For the report: the metric and, per dataset, the tolerance of iterations_to_tolerance.
     tolerance: dict = field(default_factory=lambda: {"metric": "train_mse"})
 
+    def __post_init__(self):
+        check_safe_name(self.name, "grid name")
+        if not isinstance(self.base, dict):
+            raise ConfigError(f"grid {self.name}: base must be a table of config fields, got {self.base!r}")
+        if not isinstance(self.axes, dict):
+            raise ConfigError(f"grid {self.name}: axes must be a table (dotted field = [values]), got {self.axes!r}")
+        if not isinstance(self.variants, list) or not all(isinstance(v, dict) for v in self.variants):
+            raise ConfigError(f"grid {self.name}: variants must be a list of tables, got {self.variants!r}")
+        if not isinstance(self.tolerance, dict):
+            raise ConfigError(f"grid {self.name}: tolerance must be a table, got {self.tolerance!r}")
+
     def with_overrides(self, overrides: dict[str, Any]) -> "Grid":
         """A copy with ``overrides`` (dotted field -> value, or list of values for an axis) applied.
         An override replaces the field everywhere: in the base, as an axis, and in the variants."""
@@ -146,6 +160,10 @@ class Grid:
     def expand(self) -> list[RunConfig]:
         """Every run of the grid, validated, duplicates removed, in a stable order."""
         keys = list(self.axes)
+        for key in keys:
+            if not isinstance(self.axes[key], list) or not self.axes[key]:
+                raise ConfigError(f"grid {self.name}: axis {key} must be a non-empty list of values, "
+                                  f"got {self.axes[key]!r}")
         combos = list(itertools.product(*(self.axes[k] for k in keys))) if keys else [()]
         variants = self.variants or [{}]
         runs: dict[str, RunConfig] = {}
@@ -160,6 +178,7 @@ class Grid:
                     config = RunConfig.from_dict(raw)
                 except TypeError as exc:
                     raise ConfigError(f"grid {self.name}: {exc}") from None
+                run_id(config)  # a safe folder name, checked before anything is written
                 runs.setdefault(run_hash(config), config)
         return list(runs.values())
 
@@ -200,34 +219,50 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def load_grid_file(path: str | Path) -> Grid:
     """Read a grid from TOML (``.toml``), JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML)."""
     path = Path(path)
-    text = path.read_text()
     suffix = path.suffix.lower()
-    if suffix == ".toml":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        raw = tomllib.loads(text)
-    elif suffix == ".json":
-        raw = json.loads(text)
-    elif suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ModuleNotFoundError:
-            raise ConfigError(f"{path}: YAML grid files need PyYAML (pip install pyyaml), or use TOML") from None
-        raw = yaml.safe_load(text)
-    else:
+    if suffix not in (".toml", ".json", ".yaml", ".yml"):
         raise ConfigError(f"{path}: grid files are .toml, .json or .yaml")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the grid file ({exc.strerror if isinstance(exc, OSError) else exc})"
+                          ) from None
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            raw = tomllib.loads(text)
+        elif suffix == ".json":
+            raw = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise ConfigError(f"{path}: YAML grid files need PyYAML (pip install pyyaml), or use TOML") from None
+            raw = yaml.safe_load(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each parser has its own error type; all mean "malformed"
+        raise ConfigError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid file must hold a table (name, base, axes, variants, tolerance), "
+                          f"got {type(raw).__name__}")
     unknown = set(raw) - {"name", "description", "base", "axes", "variants", "tolerance"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} "
                           "(known: name, description, base, axes, variants, tolerance)")
     axes = raw.get("axes", {})
+    if not isinstance(axes, dict):
+        raise ConfigError(f"{path}: axes must be a table (dotted field = [values]), got {type(axes).__name__}")
     for key, values in axes.items():
         set_path({}, key, None)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
-    grid = Grid(name=raw.get("name", path.stem), base=raw.get("base", {}), axes=axes,
+    # Without a name, the file's stem, made a safe folder name.
+    default_name = re.sub(r"[^A-Za-z0-9._+-]+", "-", path.stem).strip(".-") or "grid"
+    grid = Grid(name=raw.get("name", default_name), base=raw.get("base", {}), axes=axes,
                 variants=raw.get("variants", []), description=raw.get("description", ""),
                 tolerance=raw.get("tolerance", {"metric": "train_mse"}))
     grid.expand()  # validate now, with the file named

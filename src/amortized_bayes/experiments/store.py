@@ -110,6 +110,9 @@ class ResultStore:
         config = canonical(config)
         rid = run_id(config)
         path = self.runs_dir / rid
+        # run_id allows no separator; this keeps any future change from writing outside the folder.
+        if path.resolve().parent != self.runs_dir.resolve():
+            raise ValueError(f"run id {rid!r} would leave {self.runs_dir}")
         stored = read_json(path / "config.json")
         if stored is None:
             path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,109 @@
+"""Hostile and mistaken values for every field, on the command line and in grid files (issue 19): each
+is either a valid config or refused with one ConfigError naming the field, before anything is written."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amortized_bayes.config import SAFE_NAME, ConfigError, RunConfig
+from amortized_bayes.experiments.grid import Grid, flatten, load_grid_file, run_id
+
+KEYS = sorted(flatten(RunConfig().to_dict()))
+
+hostile_text = st.one_of(
+    st.sampled_from(["/../../../escaped", "..", "a/b", "\x00", "mnist\x00", "", " ", "~", "$HOME", "C:\\x",
+                     "fashion-mnist/../x", "NaN", "Infinity", "10**12", "1e1", "2.5", "-1", "MNIST", "fmnist"]),
+    st.text(max_size=12),
+)
+hostile_number = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, -1, -3, 2.5, 1e1, 10**12, float("nan"), float("inf"), -float("inf"), 1e30, 1e-30]),
+)
+hostile = st.one_of(hostile_text, hostile_number, st.booleans(), st.none(),
+                    st.lists(st.integers(-5, 5), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                               max_size=2))
+
+
+def expand_or_refuse(overrides: dict):
+    try:
+        configs = Grid(name="hostile").with_overrides(overrides).expand()
+    except ConfigError as exc:
+        assert str(exc).strip() and "\n" not in str(exc)
+        return None
+    for config in configs:
+        rid = run_id(config)
+        assert SAFE_NAME.fullmatch(rid) and ".." not in rid and "/" not in rid
+        for value in flatten(config.to_dict()).values():
+            assert not (isinstance(value, float) and not math.isfinite(value))
+    return configs
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(KEYS), value=hostile)
+def test_every_field_takes_a_valid_value_or_refuses_it(key, value):
+    expand_or_refuse({key: value})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.seed", "/../../../escaped"), ("train.epochs", 2.5), ("data.n_train", 1e1), ("family.width", "10**12"),
+    ("family.width", 10**12), ("train.lr", float("inf")), ("model.obs_var", float("inf")),
+    ("train.test_inference.rtol", float("nan")), ("train.test_inference.num_samples", -3),
+    ("data.subset_seed", -1), ("data.dataset", 5), ("train.seed", []), ("train.device", "cuda/../x"),
+])
+def test_the_reported_probes_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        Grid(name="probe").with_overrides({key: value}).expand()
+
+
+def test_aliases_and_case_of_a_dataset_make_one_run():
+    configs = Grid(name="alias").with_overrides({"data.dataset": ["mnist", "MNIST", "MniST"]}).expand()
+    assert len(configs) == 1 and configs[0].data.dataset == "mnist"
+    fashion = Grid(name="alias").with_overrides({"data.dataset": ["fmnist", "fashion-mnist", "Fashion_MNIST"]})
+    assert len(fashion.expand()) == 1
+
+
+@pytest.mark.parametrize("name", ["/abs/path", "../up", "a/b", "", ".hidden", "x" * 101])
+def test_unsafe_grid_names_are_refused(name):
+    with pytest.raises(ConfigError, match="grid name"):
+        Grid(name=name)
+
+
+@pytest.mark.parametrize("suffix, text, match", [
+    (".toml", "name = [", "not valid TOML"), (".json", "{", "not valid JSON"), (".yaml", "", "must hold a table"),
+    (".toml", 'axes = ["train.seed"]', "axes must be a table"), (".json", "[1, 2]", "must hold a table"),
+    (".toml", 'name = "../x"', "grid name"), (".toml", '[axes]\n"train.seed" = []', "non-empty list"),
+    (".toml", '[base.train]\nseed = "x"', "train.seed"),
+])
+def test_malformed_grid_files_are_refused_in_one_line(tmp_path, suffix, text, match):
+    path = tmp_path / f"grid{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_grid_file(path)
+
+
+def test_a_missing_grid_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_grid_file(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("args", [
+    ["--preset", "quick", "--set", "train.seed=/../../../escaped"],
+    ["--preset", "quick", "--set", "train.epochs=2.5"],
+    ["--preset", "quick", "--set", "train.lr=Infinity"],
+    ["--preset", "quick", "--set", "data.dataset=5"],
+    ["GRID_MISSING"],
+])
+def test_the_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, args):
+    args = [str(tmp_path / "missing.toml") if a == "GRID_MISSING" else a for a in args]
+    out = tmp_path / "o" / "out"
+    proc = subprocess.run([sys.executable, "-m", "amortized_bayes", "run", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if args[0] != str(tmp_path / "missing.toml") else [])
