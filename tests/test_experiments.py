@@ -262,7 +262,9 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
     themselves, no run is started twice, and the final numbers equal an uninterrupted grid's."""
     import random
 
-    grid = tiny_grid(epochs=10)
+    # 30 epochs (~10 s a run here): long enough that a kill within 1.5 s of the first finished epoch
+    # lands mid-run (with 10 epochs the runs could finish first, and the test then proved nothing).
+    grid = tiny_grid(epochs=30)
     cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1")
     out = tmp_path / "killed"
     rng = random.Random(0)

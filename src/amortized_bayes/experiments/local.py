@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .store import ResultStore, RunRecord, now, read_json
+from .worker import BUSY_EXIT
 
 
 def cpu_count() -> int:
@@ -54,6 +55,8 @@ def run_worker_process(record: RunRecord, store: ResultStore, *, threads: int, c
         log.write(f"--- {now()} worker: {' '.join(cmd)}\n")
         log.flush()
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if code == BUSY_EXIT:  # another process holds the run: its status is that process's to write
+        return Outcome(record.run_id, "busy", time.time() - start, "another process is running it")
     status = read_json(record.path / "status.json", {}) or {}
     state = status.get("state")
     if code != 0 and state not in ("done", "failed"):
@@ -71,8 +74,9 @@ def run_local(records: list[RunRecord], store: ResultStore, *, workers: int = 1,
               on_finish: Callable[[RunRecord, Outcome], None] | None = None) -> list[Outcome]:
     """Run every record not yet done, ``workers`` processes at a time."""
     threads = threads or default_threads(workers)
-    # A run whose worker is still alive (say, left by a driver that was killed and has not yet
-    # reached its next epoch boundary) is never started twice.
+    # A run whose lock is held (a worker of another `run`, or one left by a driver that was killed and
+    # has not yet reached its next epoch boundary) is not started here; if its owner takes the lock
+    # between this check and our worker's start, our worker exits as busy.
     busy = {r.run_id for r in records if r.alive}
     todo = [r for r in records if r.state != "done" and r.run_id not in busy]
     outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]

@@ -33,7 +33,7 @@ from typing import Callable
 
 from ..data.atomic import atomic_write_bytes
 from .local import Outcome
-from .store import ResultStore, RunRecord, now, read_json
+from .store import ResultStore, RunRecord, acquire_run_lock, now, read_json
 
 # What a task sends back: everything a local worker leaves in a run's folder.
 RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "mse_trace.jsonl", "summary.json", "model.pt", "state.pt", "log.txt")
@@ -208,6 +208,16 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         return shipped[key]
 
     pending, started, attempts = {}, {}, {}
+    # The driver holds each run's lock while its task is in flight, as a local worker does, so that a
+    # concurrent `run` on the same folder leaves the run alone.
+    locks = {}
+    for record in list(todo):
+        lock = acquire_run_lock(record.path, patience=0.5)
+        if lock is None:
+            todo.remove(record)
+            outcomes.append(Outcome(record.run_id, "busy", 0.0, "another process is running it"))
+        else:
+            locks[record.run_id] = lock
 
     def submit(record: RunRecord) -> None:
         attempts[record.run_id] = attempts.get(record.run_id, 0) + 1
@@ -254,6 +264,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
             error = f"{result.get('error') or status.get('error') or 'the run failed'} (after {attempt} attempts)"
             store.update_status(record.path, state="failed", error=error, finished_at=now())
         outcome = Outcome(record.run_id, result["state"], time.time() - started[record.run_id], error)
+        locks.pop(record.run_id).release()
         store.write_summary_table()
         if on_finish:
             on_finish(record, outcome)

@@ -12,15 +12,30 @@ Layout of a results folder::
     OUT/runs/<run_id>/summary.json  final metrics, time per step, versions and machine
     OUT/runs/<run_id>/state.pt      training checkpoint (resume); model.pt: the fitted model
     OUT/runs/<run_id>/log.txt       the worker's output
+    OUT/runs/<run_id>/.lock         held (flock) by the one process that trains the run
+    OUT/.lock                       held while the folder's shared files (summary.csv, grid.json) change
+
+What the store guarantees (docs/store.md says it for users):
+
+* one owner per run: a worker trains a run only while it holds the run's lock, so concurrent ``run``
+  commands on one folder train each run once; liveness is the lock, not a pid or a host name;
+* a run is done when its outputs say so: a complete summary.json and a readable evals.jsonl, with
+  model.pt or a status that says done; a lost or truncated status.json does not retrain a finished
+  run, and a done status over incomplete outputs does not make a run done;
+* a corrupt status.json, state.pt, config.json or evals.jsonl is moved aside as ``*.corrupt`` with a
+  note in the run's log, and the run is redone (from its last good state when there is one);
+* every file is written atomically (a reader sees the old or the new file, never a part), and the
+  temporary ``.*.part`` files a killed writer leaves are removed at the next start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -55,44 +70,177 @@ def read_json(path: Path, default=None):
         return default
 
 
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock``: held by the one process that works
+    on a run (or, blocking, on a results folder's shared files). The kernel releases it when its
+    holder dies, however it dies, so a lock never outlives its process on a local file system."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self, blocking: bool = False) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def is_locked(folder: Path) -> bool:
+    """Whether some process holds ``folder``'s lock (probed without keeping it)."""
+    if not (Path(folder) / LOCK_NAME).exists():
+        return False
+    probe = RunLock(folder)
+    try:
+        if probe.acquire():
+            probe.release()
+            return False
+    except OSError:  # a read-only copy of a results folder: nobody can be training in it
+        return False
+    return True
+
+
+def acquire_run_lock(folder: Path, patience: float = 2.0) -> RunLock | None:
+    """The run's lock, or None when another process holds it. Retries for ``patience`` seconds, since
+    a reader probing the lock (:func:`is_locked`) holds it for a moment."""
+    lock = RunLock(folder)
+    deadline = time.monotonic() + patience
+    while not lock.acquire():
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+    return lock
+
+
+def _readable_jsonl(path: Path) -> bool:
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                json.loads(line)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def outputs_complete(path: Path) -> bool:
+    """Whether a run's folder holds the outputs of a finished run: summary.json written at the end
+    (``complete``), a readable evals.jsonl, and steps.csv."""
+    summary = read_json(path / "summary.json")
+    return (isinstance(summary, dict) and summary.get("complete") is True and (path / "steps.csv").exists()
+            and (path / "evals.jsonl").exists() and _readable_jsonl(path / "evals.jsonl"))
+
+
+def read_status(path: Path) -> tuple[dict, bool]:
+    """A run's status.json and whether it was readable (a missing file is readable: a new run)."""
+    target = path / "status.json"
+    if not target.exists():
+        return {}, True
+    value = read_json(target)
+    return (value, True) if isinstance(value, dict) else ({}, False)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a corrupt file to ``<name>.corrupt`` (replacing an older one) and note it in the run's log."""
+    target = path.with_name(path.name + ".corrupt")
+    os.replace(path, target)
+    with open(path.parent / "log.txt", "a") as log:
+        log.write(f"--- {now()} {path.name} set aside as {target.name}: {reason}\n")
+    return target
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Remove the temporary ``.*.part`` files of atomic writes in ``folder`` (not recursive): left by a
+    writer that was killed between writing and renaming. Call only while holding the folder's lock."""
+    removed = []
+    for part in Path(folder).glob(".*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+            removed.append(part)
+    return removed
+
+
 @dataclass
 class RunRecord:
-    """What the store knows of one run."""
+    """What the store knows of one run. ``status`` is status.json as read; ``done`` is decided from
+    the outputs (:func:`outputs_complete`), not from the status alone."""
 
     run_id: str
     path: Path
     config: RunConfig
     status: dict
+    done: bool = False
 
     @property
     def state(self) -> str:
-        return self.status.get("state", "pending")
+        if self.done:
+            return "done"
+        state = self.status.get("state", "pending")
+        return "pending" if state == "done" else state  # a done status over incomplete outputs
 
     @property
     def alive(self) -> bool:
-        """A 'running' run whose worker is still alive on this host (else it was interrupted)."""
-        if self.state != "running":
-            return False
-        if self.status.get("host") != socket.gethostname():
-            return True  # another machine's worker: trust its word
-        pid = self.status.get("pid")
-        if not pid:
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        """Whether a process holds the run's lock, i.e. is training it now (on this machine or on any
+        machine sharing the folder's file system)."""
+        return is_locked(self.path)
 
     @property
     def display_state(self) -> str:
-        if self.state == "running" and not self.alive:
-            return "interrupted"
-        if self.state == "pending" and (self.path / "state.pt").exists():
+        if self.done:
+            return "done"
+        if self.alive:
+            return "running"
+        if self.state == "running" or (self.path / "state.pt").exists():
             return "interrupted"
         return self.state
+
+
+def inspect_run(path: Path, config: RunConfig) -> RunRecord:
+    """A :class:`RunRecord` of the folder, read only."""
+    status, _ = read_status(path)
+    done = outputs_complete(path) and (status.get("state") == "done" or (path / "model.pt").exists())
+    return RunRecord(path.name, path, config, status, done)
+
+
+def repair_run(path: Path, config: RunConfig) -> RunRecord:
+    """Inspect a run and repair what is broken: a corrupt status.json or evals.jsonl is set aside, a
+    finished run's lost status is rewritten, a done status over incomplete outputs is reset to pending,
+    and stale ``.part`` files are removed. Call only while holding the run's lock."""
+    remove_stale_parts(path)
+    status, readable = read_status(path)
+    if not readable:
+        set_aside(path / "status.json", "not valid JSON")
+    evals = path / "evals.jsonl"
+    if evals.exists() and not _readable_jsonl(evals):
+        set_aside(evals, "not valid JSON lines")
+        with contextlib.suppress(FileNotFoundError):
+            (path / "summary.json").unlink()  # describes the evaluations just set aside
+    record = inspect_run(path, config)
+    if record.done and status.get("state") != "done":
+        status = {**status, "state": "done", "label": describe_run(config), "error": None,
+                  "note": "status rewritten from the run's complete outputs"}
+        write_json(path / "status.json", status)
+    elif not record.done and (status.get("state") == "done" or not readable):
+        status = {**status, "state": "pending", "label": describe_run(config),
+                  "note": "outputs incomplete or status unreadable: the run is redone"}
+        write_json(path / "status.json", status)
+    elif not (path / "status.json").exists():
+        status = {"state": "pending", "label": describe_run(config)}
+        write_json(path / "status.json", status)
+    return RunRecord(path.name, path, config, status, record.done)
 
 
 class ResultStore:
@@ -105,39 +253,63 @@ class ResultStore:
     def run_dir(self, config: RunConfig) -> Path:
         return self.runs_dir / run_id(config)
 
+    @contextlib.contextmanager
+    def folder_lock(self):
+        """Hold the folder's lock (blocking) while its shared files change."""
+        lock = RunLock(self.root)
+        lock.acquire(blocking=True)
+        try:
+            yield
+        finally:
+            lock.release()
+
     def plan(self, config: RunConfig) -> RunRecord:
-        """Create the run's folder and config.json (once); refuse a folder holding another config."""
+        """Create the run's folder and config.json (once) and repair what a crash or a bad edit left
+        (:func:`repair_run`) unless another process is running it; refuse a folder holding another
+        valid config."""
         config = canonical(config)
         rid = run_id(config)
         path = self.runs_dir / rid
         # run_id allows no separator; this keeps any future change from writing outside the folder.
         if path.resolve().parent != self.runs_dir.resolve():
             raise ValueError(f"run id {rid!r} would leave {self.runs_dir}")
-        stored = read_json(path / "config.json")
-        if stored is None:
-            path.mkdir(parents=True, exist_ok=True)
-            write_json(path / "config.json", config.to_dict())
-        elif RunConfig.from_dict(stored) != config:
-            raise RuntimeError(f"{path}: holds a different config than its id says; move it away")
-        status = read_json(path / "status.json") or {"state": "pending", "label": describe_run(config)}
-        if not (path / "status.json").exists():
-            write_json(path / "status.json", status)
-        return RunRecord(rid, path, config, status)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = acquire_run_lock(path, patience=0.5)
+        if lock is None:
+            return inspect_run(path, config)  # its owner is working on it
+        try:
+            if (path / "config.json").exists():
+                stored = read_json(path / "config.json")
+                try:
+                    stored_config = RunConfig.from_dict(stored) if isinstance(stored, dict) else None
+                except (ValueError, TypeError):
+                    stored_config = None
+                if stored_config is None:
+                    set_aside(path / "config.json", "not a valid config; rewritten from the run id's config")
+                elif stored_config != config:
+                    raise RuntimeError(f"{path}: holds a different config than its id says; move it away")
+            if not (path / "config.json").exists():
+                write_json(path / "config.json", config.to_dict())
+            return repair_run(path, config)
+        finally:
+            lock.release()
 
     def records(self) -> list[RunRecord]:
+        """Every run folder with a valid config.json, read only (a folder without one is noted and
+        skipped, and the others are unaffected)."""
         out = []
         if not self.runs_dir.is_dir():
             return out
-        for path in sorted(self.runs_dir.iterdir()):
+        for path in sorted(p for p in self.runs_dir.iterdir() if p.is_dir()):
             raw = read_json(path / "config.json")
-            if raw is None:
-                continue
             try:
+                if not isinstance(raw, dict):
+                    raise ValueError("missing or not valid JSON")
                 config = RunConfig.from_dict(raw)
             except (ValueError, TypeError) as exc:
                 print(f"note: skipping {path}: its config.json is not a valid config ({exc})", file=sys.stderr)
                 continue
-            out.append(RunRecord(path.name, path, config, read_json(path / "status.json", {})))
+            out.append(inspect_run(path, config))
         return out
 
     def update_status(self, path: Path, **fields) -> dict:
@@ -148,10 +320,16 @@ class ResultStore:
 
     def save_grid(self, grid_dict: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json(self.root / "grid.json", grid_dict)
+        with self.folder_lock():
+            remove_stale_parts(self.root)
+            write_json(self.root / "grid.json", grid_dict)
 
     def write_summary_table(self) -> Path:
-        """Rebuild OUT/summary.csv from every run's folder."""
+        """Rebuild OUT/summary.csv from every run's folder (under the folder's lock)."""
+        with self.folder_lock():
+            return self._write_summary_table()
+
+    def _write_summary_table(self) -> Path:
         rows = []
         for rec in self.records():
             c, summ = rec.config, read_json(rec.path / "summary.json", {}) or {}

@@ -20,28 +20,66 @@ class DriverGone(Exception):
     """The process that launched this worker died; stop rather than run on unsupervised."""
 
 
+# The exit status of a worker that found its run being trained by another process (EX_TEMPFAIL).
+BUSY_EXIT = 75
+
+
 def execute(run_dir: str | Path, *, threads: int = 1, checkpoint_seconds: float = 120.0,
             tensorboard_dir: str | Path | None = None, data=None, parent_pid: int | None = None) -> str:
-    """Train the run in ``run_dir``; return its final state ("done" or "failed"). Never raises for a
-    failure of the run itself: the error is recorded in its status and log.
+    """Train the run in ``run_dir``; return its final state ("done", "failed", or "busy" when another
+    process holds the run's lock and is training it). Never raises for a failure of the run itself:
+    the error is recorded in its status and log.
 
     ``parent_pid``: the driver's pid. If the driver dies (killed with the grid), the worker stops at
     the next epoch boundary, so that no orphan keeps writing into the folder; a rerun resumes the run
     from its last checkpoint.
     """
+    from .store import acquire_run_lock
+
+    lock = acquire_run_lock(Path(run_dir))
+    if lock is None:
+        return "busy"
+    try:
+        return _execute_locked(Path(run_dir), threads=threads, checkpoint_seconds=checkpoint_seconds,
+                               tensorboard_dir=tensorboard_dir, data=data, parent_pid=parent_pid)
+    finally:
+        lock.release()
+
+
+def _check_training_state(run_dir: Path) -> None:
+    """Set a training checkpoint that cannot be read aside, so that the run restarts from scratch
+    instead of failing the same way on every retry."""
+    import torch
+
+    from .store import set_aside
+
+    path = run_dir / "state.pt"
+    if not path.exists():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"config", "model", "family", "history"} <= set(state):
+            raise ValueError("not a training state")
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is set aside the same way
+        set_aside(path, f"unreadable training state ({type(exc).__name__}); the run restarts from scratch")
+
+
+def _execute_locked(run_dir: Path, *, threads: int, checkpoint_seconds: float, tensorboard_dir, data,
+                    parent_pid: int | None) -> str:
     from ..checkpoint import save_fit
     from ..runtime import prepare_process
     from ..config import RunConfig
     from ..training import Checkpointing, NonFiniteLossError, fit
-    from .store import ResultStore, now, read_json, write_run_outputs
+    from .store import ResultStore, now, read_json, repair_run, write_run_outputs
 
-    run_dir = Path(run_dir)
     store = ResultStore(run_dir.parent.parent)
     prepare_process(threads)
     config = RunConfig.from_dict(read_json(run_dir / "config.json"))
-    previous = read_json(run_dir / "status.json", {}) or {}
-    if previous.get("state") == "done":
+    record = repair_run(run_dir, config)  # stale .part files, corrupt status or evals, a lost done status
+    if record.done:
         return "done"
+    _check_training_state(run_dir)
+    previous = record.status
     attempts = int(previous.get("attempts", 0)) + 1
     started = time.time()
     store.update_status(run_dir, state="running", pid=os.getpid(), host=socket.gethostname(), started_at=now(),
@@ -118,7 +156,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     state = execute(args.run_dir, threads=args.threads, checkpoint_seconds=args.checkpoint_seconds,
                     tensorboard_dir=args.tensorboard, parent_pid=args.parent_pid)
-    return 0 if state == "done" else 1
+    return {"done": 0, "busy": BUSY_EXIT}.get(state, 1)
 
 
 if __name__ == "__main__":
