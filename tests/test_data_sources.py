@@ -233,3 +233,30 @@ def test_mirror_download_is_verified_like_any_source(isolated_cache, mirror):
     found = resolve(spec, sources=[MirrorSource(url, timeout=10)], note=lambda m: None)
     assert {vf.source for vf in found.values()} == {f"mirror {url}"}
     assert all((isolated_cache / "data" / "tiny" / n).read_bytes() == d for n, d in blobs.items())
+
+
+def test_download_stops_at_its_size_cap_and_names_a_full_disk(mirror, tmp_path):
+    from amortized_bayes.data.sources import LocalDiskError, download
+
+    spec, _, url = mirror
+    name = spec.files[0].name + ".gz"
+    with pytest.raises(ValueError, match="more than the 10"):
+        download(url + name, tmp_path / "x.gz", timeout=10, max_bytes=10)
+    if os.path.exists("/dev/full"):  # every write there fails with ENOSPC
+        with pytest.raises(LocalDiskError, match="No space left"):
+            download(url + name, Path("/dev/full"), timeout=10)
+        from amortized_bayes.data.sources import _unreachable
+
+        assert not _unreachable(LocalDiskError(28, "x"))
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    code = ("import os, sys; os.umask(0o077); from amortized_bayes.data.atomic import atomic_write_text; "
+            "atomic_write_text(sys.argv[1], 'x'); print(oct(os.stat(sys.argv[1]).st_mode & 0o777))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "0o600"
+    code = code.replace("0o077", "0o022")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g")], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "0o644"

@@ -5,6 +5,7 @@ touching the others."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -155,3 +156,46 @@ def test_an_unreadable_checkpoint_cannot_fail_a_run_twice(tmp_path):
     torch.save({"something": "else"}, record.path / "state.pt")
     assert execute(record.path) == "done"
     assert (record.path / "state.pt.corrupt").exists()
+
+
+def test_diverging_test_time_inference_fails_the_run_loudly():
+    from amortized_bayes.config import DataConfig, FamilyConfig, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
+    from amortized_bayes.training import NonFiniteEvaluationError, TrainingData, fit
+
+    g = torch.Generator().manual_seed(0)
+    data = TrainingData(torch.rand(20, 784, generator=g), torch.rand(10, 784, generator=g))
+    config = RunConfig(data=DataConfig(n_train=20, n_test=10), model=ModelConfig(latent_dim=2, hidden=4),
+                       family=FamilyConfig(name="factorized"),
+                       train=TrainConfig(epochs=1, test_inference=LocalInferenceConfig(lr=1e30, max_steps=60)))
+    with pytest.raises(NonFiniteEvaluationError, match="test-time inference diverged"):
+        fit(config, data)
+
+
+def test_gap_flags_non_finite_images_instead_of_averaging_them():
+    from amortized_bayes.gap import _finite_list, _stats
+
+    stats = _stats(torch.tensor([1.0, 3.0, float("nan"), float("-inf")]))
+    assert stats["mean"] == 2.0 and stats["non_finite"] == 2 and stats["min"] == 1.0
+    assert _finite_list(torch.tensor([1.0, float("inf")])) == [1.0, None]
+    assert math.isnan(_stats(torch.tensor([float("nan")]))["mean"])
+
+
+def test_gap_clamps_an_extreme_log_sigma(tmp_path):
+    from types import SimpleNamespace
+
+    from amortized_bayes.config import RunConfig
+    from amortized_bayes.families import FactorizedFamily
+    from amortized_bayes.gap import GapConfig, LocalOptimConfig, measure_gap
+
+    from . import linear_gaussian as lg
+
+    model = lg.make(D=6, d=3, obs_var=0.5, seed=4)
+    x = model.sample(4, torch.Generator().manual_seed(2))
+    family = FactorizedFamily(4, 3)
+    with torch.no_grad():
+        family.log_sigma.weight.fill_(60.0)  # exp(2 * 60) overflows float32
+    s = measure_gap(SimpleNamespace(model=model.decoder().requires_grad_(False), family=family, config=RunConfig()),
+                    {"train": x}, GapConfig(images=4, splits=("train",), elbo_samples=64, iwae_samples=64,
+                                            curve_steps=(0,), optim=LocalOptimConfig(max_steps=200)))["splits"]["train"]
+    assert s["log_sigma_clamped_images"] == 4
+    assert math.isfinite(s["amortization_gap"]["mean"]) and s["amortization_gap"]["non_finite"] == 0

@@ -266,11 +266,29 @@ class GapConfig:
         return asdict(self)
 
 
+# log sigma of a family's q(z) is clamped to this range before the gap is measured: beyond it
+# exp(2 log sigma) under- or overflows float32 and the estimates become -inf or NaN (seen at 45-100).
+LOG_SIGMA_RANGE = (-20.0, 20.0)
+
+
 def _stats(values: torch.Tensor) -> dict:
+    """Statistics over the images whose value is finite; ``non_finite`` counts the others, which are
+    left out rather than averaged in (NaN when no image is finite)."""
     v = values.double()
+    finite = torch.isfinite(v)
+    bad = int((~finite).sum())
+    v = v[finite]
+    if v.numel() == 0:
+        nan = float("nan")
+        return {"mean": nan, "sd": nan, "median": nan, "min": nan, "max": nan, "se": nan, "non_finite": bad}
     return {"mean": float(v.mean()), "sd": float(v.std()) if v.numel() > 1 else 0.0,
             "median": float(v.median()), "min": float(v.min()), "max": float(v.max()),
-            "se": float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0}
+            "se": float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0, "non_finite": bad}
+
+
+def _finite_list(values: torch.Tensor) -> list:
+    """Per-image values for JSON: a non-finite value becomes None (flagged, not a number)."""
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
 
 
 def sample_thetas(model: BayesianDecoder, count: int, generator: torch.Generator | None) -> list[ThetaDraw]:
@@ -358,6 +376,8 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
             post = infer_local(model, family, x, fitted.config.train.test_inference, g)
             mu_f, ls_f = post.mu, post.log_sigma
             family_cost = {"steps": post.steps, "seconds": post.seconds}
+        clamped = int(((ls_f < LOG_SIGMA_RANGE[0]) | (ls_f > LOG_SIGMA_RANGE[1])).any(-1).sum())
+        ls_f = ls_f.clamp(*LOG_SIGMA_RANGE)
         per_theta = [_gap_at_theta(model, x, mu_f, ls_f, theta, config, g) for theta in thetas]
         avg = partial(_average, per_theta)
         cost = partial(_average_cost, per_theta)
@@ -384,7 +404,10 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
             # family's own ELBO (None: not within the recorded curve).
             "refinement_to_90pct_of_gap": _first_reaching(refinement, family_mean + 0.9 * (star_mean - family_mean)),
             "scratch_to_family_elbo": _first_reaching(scratch, family_mean),
-            "per_image": {"amortization_gap": amortization.tolist(), "approximation_gap": approximation.tolist()},
+            "per_image": {"amortization_gap": _finite_list(amortization),
+                          "approximation_gap": _finite_list(approximation)},
+            # Images whose family q(z) had a log sigma outside LOG_SIGMA_RANGE (clamped to it).
+            "log_sigma_clamped_images": clamped,
         }
         if config.ais is not None:
             log_px_ais = avg("log_px_ais")
@@ -392,7 +415,7 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
                      ais_minus_iwae=_stats(log_px_ais - log_px), ais_ess=_stats(avg("ais_ess")),
                      ais_acceptance=_stats(avg("ais_acceptance")),
                      ais_seconds=sum(r["ais_seconds"] for r in per_theta) / len(per_theta))
-            s["per_image"]["approximation_gap_ais"] = (log_px_ais - elbo_star).tolist()
+            s["per_image"]["approximation_gap_ais"] = _finite_list(log_px_ais - elbo_star)
         result["splits"][split] = s
     return result
 

@@ -34,6 +34,12 @@ from .objectives import negative_elbo
 from .optim import LazyAdam, adam
 
 
+class NonFiniteEvaluationError(FloatingPointError):
+    """An evaluation produced a NaN or Inf (the full-data -ELBO, an MSE, or the test images' fitted
+    q(z) when test-time inference diverged): the run fails loudly instead of finishing with NaN
+    metrics. The message names the metric and the epoch."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss or a gradient became NaN or Inf. ``step`` names the step; ``result`` holds the run as it
     was after the last good step (its parameters were not updated with the bad gradient)."""
@@ -212,6 +218,10 @@ def evaluate(model, family, data: TrainingData, config: RunConfig, generator: to
         record["legacy_objective"] = legacy_objective_value(model, family, x, x.shape[0], t.eval_samples, generator)
     if data.test is not None and data.test.shape[0] > 0:
         post = infer_local(model, family, data.test, t.test_inference, generator, warm_start=test_family)
+        if not (bool(torch.isfinite(post.mu).all()) and bool(torch.isfinite(post.log_sigma).all())):
+            raise NonFiniteEvaluationError(
+                f"test-time inference diverged: q(z) of the test images is not finite after {post.steps} steps "
+                f"(train.test_inference.lr={t.test_inference.lr}; lower it)")
         record["test_mse"] = reconstruction_mse(model, post.mu, data.test)
         record["test_inference_steps"] = post.steps
         record["test_inference_seconds"] = post.seconds
@@ -316,6 +326,9 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
 
     def do_eval(epoch: int) -> None:
         record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
+        bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
+        if bad:
+            raise NonFiniteEvaluationError(f"epoch {epoch}: the evaluation gave non-finite {', '.join(bad)}")
         record.update(epoch=epoch, step=step, wall_time=train_seconds)
         history.evals.append(record)
         if t.mse_every:

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """0666 less the process's umask: the mode ``open()`` would give a new file. Read from
+    /proc/self/status where it is there (os.umask can only be read by setting it, which races with
+    other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -21,8 +38,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp creates the file private (0600); cached data is meant to be readable like any file.
-        os.chmod(tmp, 0o644)
+        # mkstemp creates the file private (0600); give it the mode any new file gets (the umask's).
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

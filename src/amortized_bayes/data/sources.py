@@ -8,6 +8,7 @@ those it has, or raises :class:`SourceUnavailable` with a one-line reason when i
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -87,24 +88,43 @@ class CacheSource(FolderSource):
         super().__init__(root, f"cache {root}", cache_results=False)
 
 
+# Errors of this machine's own disk, not of the network: reported as what they are.
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class LocalDiskError(OSError):
+    """Writing a downloaded file failed on this machine (no space, no permission, read-only)."""
+
+
 def _unreachable(exc: BaseException) -> bool:
     """True for errors that mean the host cannot be reached at all (as opposed to one missing file)."""
-    if isinstance(exc, urllib.error.HTTPError):
+    if isinstance(exc, (urllib.error.HTTPError, LocalDiskError)):
         return False
     if isinstance(exc, urllib.error.URLError):
         return True
     return isinstance(exc, (socket.timeout, TimeoutError, ConnectionError, OSError))
 
 
-def download(url: str, dest: Path, timeout: float) -> None:
-    """Stream ``url`` to ``dest``; raise if the body is shorter than its Content-Length."""
+def download(url: str, dest: Path, timeout: float, max_bytes: int | None = None) -> None:
+    """Stream ``url`` to ``dest``; raise if the body is shorter than its Content-Length, or longer
+    than ``max_bytes`` (a file that size cannot be the one asked for: stop before it fills the disk).
+    A failure to write ``dest`` raises :class:`LocalDiskError`."""
     request = urllib.request.Request(url, headers={"User-Agent": "amortized-bayes data fetch"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
         expected = response.headers.get("Content-Length")
+        if max_bytes is not None and expected is not None and int(expected) > max_bytes:
+            raise ValueError(f"{url}: {expected} bytes announced, more than the {max_bytes} this file can be")
         received = 0
         while chunk := response.read(1 << 20):
-            out.write(chunk)
             received += len(chunk)
+            if max_bytes is not None and received > max_bytes:
+                raise ValueError(f"{url}: more than the {max_bytes} bytes this file can be; stopped")
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                if exc.errno in LOCAL_ERRNOS:
+                    raise LocalDiskError(exc.errno, f"cannot write {dest}: {os.strerror(exc.errno)}") from None
+                raise
     if expected is not None and received != int(expected):
         raise ConnectionError(f"{url}: received {received} of {expected} bytes")
 
@@ -123,7 +143,11 @@ class MirrorSource(Source):
             url = self.base_url + spec.name + ".gz"
             dest = scratch / (spec.name + ".gz")
             try:
-                download(url, dest, self.timeout)
+                # A gzipped file is smaller than the raw one, give or take gzip's header: cap at twice.
+                download(url, dest, self.timeout, max_bytes=2 * spec.size + (1 << 20))
+            except LocalDiskError:
+                dest.unlink(missing_ok=True)
+                raise  # this machine's disk, not the mirror: say so, and stop
             except Exception as exc:  # noqa: BLE001 - any failure of one URL is reported, not raised
                 dest.unlink(missing_ok=True)
                 reason = getattr(exc, "reason", None) or exc
