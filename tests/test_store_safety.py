@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from amortized_bayes.experiments.grid import load_grid_file
 from amortized_bayes.experiments.store import ResultStore, is_locked, read_evals, read_json, read_steps
 
 GRID = """
@@ -199,3 +200,24 @@ def test_gap_clamps_an_extreme_log_sigma(tmp_path):
                                             curve_steps=(0,), optim=LocalOptimConfig(max_steps=200)))["splits"]["train"]
     assert s["log_sigma_clamped_images"] == 4
     assert math.isfinite(s["amortization_gap"]["mean"]) and s["amortization_gap"]["non_finite"] == 0
+
+
+def test_a_held_lock_makes_a_run_busy_and_force_unlock_clears_it(reference, tmp_path):
+    from amortized_bayes.experiments.store import RunLock
+
+    grid, whole = reference
+    out = tmp_path / "locked"
+    args = ["run", grid, "--out", out, "--set", "family.name=constant", "--threads", "1"]
+    (config,) = load_grid_file(grid).with_overrides({"family.name": "constant"}).expand()
+    record = ResultStore(out).plan(config)
+    held = RunLock(record.path)
+    assert held.acquire()  # a lock left by a machine that is gone, as a shared file system may keep it
+    try:
+        busy = cli(*args, check=False)
+        assert busy.returncode == 1 and "running" in cli("status", out).stdout
+        assert ResultStore(out).records()[0].state != "done"
+        cli(*args, "--force-unlock")
+        (record,) = ResultStore(out).records()
+        assert record.state == "done" and numbers(record.path) == numbers(whole[record.run_id].path)
+    finally:
+        held.release()

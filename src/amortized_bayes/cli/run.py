@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     run.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                      help="save each run's training state this often (default 120 s)")
+    run.add_argument("--force-unlock", action="store_true",
+                     help="remove the folder's lock files first (only for locks left on a shared file system by "
+                     "a machine that is gone: a local lock dies with its process)")
     run.add_argument("--tensorboard", action="store_true",
                      help="log every metric to OUT/tensorboard (needs the 'tensorboard' extra)")
     ray = run.add_argument_group("executor", "where the runs execute (README: 'Running on a Ray cluster')")
@@ -85,6 +88,13 @@ def cmd_run(args) -> int:
         return 2
     out = args.out or Path("runs") / grid.name
     store = ResultStore(out)
+    if args.force_unlock and not args.dry_run:
+        from ..experiments.store import LOCK_NAME
+
+        removed = [p for p in [out / LOCK_NAME, *out.glob(f"runs/*/{LOCK_NAME}")] if p.exists()]
+        for path in removed:
+            path.unlink()
+        print(f"note: removed {len(removed)} lock file(s) under {out}", file=sys.stderr)
     records = [store.plan(c) for c in configs] if not args.dry_run else None
     if args.dry_run:
         from ..experiments.grid import run_id
