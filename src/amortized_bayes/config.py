@@ -50,9 +50,15 @@ def _check_type(value: Any, hint: Any, name: str) -> None:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return
-        (hint,) = [a for a in args if a is not type(None)]
-        _check_type(value, hint, name)
-        return
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:  # valid when any alternative accepts it
+            try:
+                _check_type(value, option, name)
+                return
+            except ConfigError as exc:
+                errors.append(str(exc).split(": ", 1)[1])
+        raise ConfigError(f"{name}: {' or '.join(errors)}")
     if hint is bool:
         _check(isinstance(value, bool), name, f"must be true or false, got {value!r}")
     elif hint is int:
@@ -113,7 +119,9 @@ class ModelConfig:
     """The Bayesian decoder (SPEC §1): d -> H x depth -> D, LeakyReLU(0.2), prior N(0, prior_scale^2 I)
     on every weight and bias, q(theta) = N(m, diag s^2) with log s initialised at ``init_log_scale``.
 
-    ``obs_var`` is sigma_x^2 of the Gaussian likelihood (ignored for ``bernoulli``).
+    ``obs_var`` is sigma_x^2 of the Gaussian likelihood (ignored for ``bernoulli``), or "learned": one
+    scalar fitted as a point estimate (type-II maximum likelihood) inside the same objective, from 1, and
+    recorded at each evaluation.
     ``init_loc``: "default" (PyTorch's Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))) or "zero".
     """
 
@@ -123,7 +131,7 @@ class ModelConfig:
     data_dim: int = 784
     prior_scale: float = 1.0
     likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
-    obs_var: float = 1.0
+    obs_var: Union[float, Literal["learned"]] = 1.0
     init_loc: Literal["default", "zero"] = "default"
     init_log_scale: float = -2.0
 
@@ -135,7 +143,8 @@ class ModelConfig:
         _in_range(self.depth, 0, 64, "model.depth")
         _in_range(self.data_dim, 1, 1_000_000, "model.data_dim")
         _check(self.prior_scale > 0, "model.prior_scale", f"must be > 0, got {self.prior_scale}")
-        _check(self.obs_var > 0, "model.obs_var", f"must be > 0, got {self.obs_var}")
+        _check(self.obs_var == "learned" or self.obs_var > 0, "model.obs_var",
+               f"must be > 0 or 'learned', got {self.obs_var}")
         _in_range(self.init_log_scale, -100.0, 20.0, "model.init_log_scale")
 
 

@@ -156,6 +156,15 @@ def gaussian_log_likelihood_of_residual_per_image(resid: torch.Tensor, obs_var: 
     return -0.5 * _SquaredNormPerRow.apply(resid) / obs_var - 0.5 * d * (LOG_2PI + math.log(obs_var))
 
 
+def rescale_gaussian_log_likelihood(unit: torch.Tensor, terms: int, log_var: torch.Tensor) -> torch.Tensor:
+    """A Gaussian log-likelihood at variance exp(log_var), from the same sum at variance 1 (``unit``)
+    over ``terms`` pixel terms: log N at v = (unit + n/2 log 2 pi) / v - n/2 (log 2 pi + log v).
+    Differentiable in ``unit`` and ``log_var``, so the fused kernels (which take a fixed variance) serve
+    a learned one unchanged."""
+    half_n = 0.5 * terms
+    return (unit + half_n * LOG_2PI) * torch.exp(-log_var) - half_n * (LOG_2PI + log_var)
+
+
 def bernoulli_log_likelihood(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """log Bernoulli(x; sigmoid(logits)) summed over the last dimension; x in [0, 1] (binary for a
     proper likelihood). (..., D) -> (...)."""

@@ -84,6 +84,9 @@ class BayesianDecoder(nn.Module):
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.theta_loc = nn.Parameter(torch.cat(locs))
         self.theta_log_scale = nn.Parameter(torch.full((sum(self.sizes),), float(config.init_log_scale)))
+        # sigma_x^2 fitted by type-II maximum likelihood (a point estimate, not a variational factor),
+        # from 1; only a model with obs_var = "learned" has it, so others keep their state dicts.
+        self.log_obs_var = nn.Parameter(torch.zeros(())) if config.obs_var == "learned" else None
         self._register_load_state_dict_pre_hook(self._from_per_tensor_keys)
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -109,6 +112,18 @@ class BayesianDecoder(nn.Module):
                           key=lambda k: int(k.rsplit(".", 1)[1]))
             if keys and prefix + flat not in state_dict:
                 state_dict[prefix + flat] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
+
+    def gaussian_variance(self) -> tuple[float, torch.Tensor | None]:
+        """(the variance to give the Gaussian kernels, the log variance to rescale them to, or None):
+        (obs_var, None) for a fixed sigma_x^2, (1.0, log_obs_var) for a learned one."""
+        if self.log_obs_var is None:
+            return float(self.config.obs_var), None
+        return 1.0, self.log_obs_var
+
+    @property
+    def obs_var_value(self) -> float:
+        """sigma_x^2 as it is now (fixed, or the current learned value)."""
+        return float(self.config.obs_var) if self.log_obs_var is None else float(self.log_obs_var.detach().exp())
 
     @property
     def num_params(self) -> int:

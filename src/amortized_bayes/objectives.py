@@ -55,7 +55,9 @@ def log_likelihood(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, l
         return dens.legacy_log_likelihood(x, out)
     if model.config.likelihood == "bernoulli":
         return dens.bernoulli_log_likelihood(x, out)
-    return dens.gaussian_log_likelihood(x, out, model.config.obs_var)
+    var, log_var = model.gaussian_variance()
+    ll = dens.gaussian_log_likelihood(x, out, var)
+    return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, out.shape[-1], log_var)
 
 
 def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
@@ -64,7 +66,9 @@ def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Ten
         return dens.legacy_log_likelihood(x, out).sum()
     if model.config.likelihood == "bernoulli":
         return -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="sum")
-    return dens.gaussian_log_likelihood_total(x, out, model.config.obs_var)
+    var, log_var = model.gaussian_variance()
+    ll = dens.gaussian_log_likelihood_total(x, out, var)
+    return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, out.numel(), log_var)
 
 
 def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: torch.Tensor, theta: ThetaDraw,
@@ -73,13 +77,18 @@ def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: tor
     inside the decoder's last product (one pass fewer over the (S, B, D) output), and with one theta for
     every z the last layer and the likelihood are one node (another pass fewer in the backward)."""
     if not legacy and model.config.likelihood == "gaussian":
+        var, log_var = model.gaussian_variance()
         if theta.num_samples == 1:  # one theta for every z: the last layer fused with the likelihood
             h = model.features(z, theta)
             weight, bias = model.output_layer(theta)
             rows = x if h.shape[0] == 1 else x.repeat(h.shape[0], 1)
-            return dens.gaussian_log_likelihood_of_affine_mean(h.reshape(-1, h.shape[-1]), weight, bias, rows,
-                                                               model.config.obs_var)
-        return dens.gaussian_log_likelihood_of_residual(model.decode(z, theta, subtract=x), model.config.obs_var)
+            ll = dens.gaussian_log_likelihood_of_affine_mean(h.reshape(-1, h.shape[-1]), weight, bias, rows, var)
+            terms = rows.numel()
+        else:
+            resid = model.decode(z, theta, subtract=x)
+            terms = resid.numel()
+            ll = dens.gaussian_log_likelihood_of_residual(resid, var)
+        return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, terms, log_var)
     return log_likelihood_total(model, x, model.decode(z, theta), legacy)
 
 
@@ -192,7 +201,11 @@ def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, lo
     z, _ = draw_z(mu, log_sigma, num_samples, generator)
     if model.config.likelihood == "gaussian":
         resid = model.decode(z, theta, subtract=x)  # the residual formed inside the last product
-        ll = dens.gaussian_log_likelihood_of_residual_per_image(resid, model.config.obs_var).mean(0)
+        var, log_var = model.gaussian_variance()
+        ll = dens.gaussian_log_likelihood_of_residual_per_image(resid, var)
+        if log_var is not None:
+            ll = dens.rescale_gaussian_log_likelihood(ll, resid.shape[-1], log_var)
+        ll = ll.mean(0)
     else:
         ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
     return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)

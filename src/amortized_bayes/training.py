@@ -213,6 +213,8 @@ def evaluate(model, family, data: TrainingData, config: RunConfig, generator: to
     mu, log_sigma = local_posterior(model, family, x, idx, generator=generator)
     record = full_data_negative_elbo(model, mu, log_sigma, x, t.eval_samples, generator)
     record["train_mse"] = reconstruction_mse(model, mu, x)
+    if model.log_obs_var is not None:
+        record["obs_var"] = model.obs_var_value
     record.update(collapse_diagnostics(mu, log_sigma))
     if config.objective.kind == "legacy-2024":
         record["legacy_objective"] = legacy_objective_value(model, family, x, x.shape[0], t.eval_samples, generator)
