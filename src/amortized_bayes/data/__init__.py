@@ -19,9 +19,20 @@ from .errors import (
     UnknownDatasetError,
 )
 from .idx import parse_idx, read_idx
-from .loading import Split, binarize_pixels, load_split, select_indices
 from .registry import DATASETS, SPLITS, DatasetSpec, FileSpec, get_dataset
 from .store import describe, load_arrays, resolve, verify_cached
+
+# The loading API returns torch tensors: imported on first use, so that the command line (`data`,
+# `status`, `list`, argument errors) starts without paying for torch (about 2.3 s here).
+_LOADING = ("Split", "binarize_pixels", "load_split", "select_indices")
+
+
+def __getattr__(name: str):
+    if name in _LOADING:
+        from . import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BadMagicError", "ChecksumMismatchError", "CorruptGzipError", "DataError", "DataNotFoundError",
