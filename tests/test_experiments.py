@@ -288,3 +288,4 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
         assert a.state == "done"
         assert read_steps(a.path)["neg_elbo"] == read_steps(b.path)["neg_elbo"]
         assert [e["neg_elbo"] for e in read_evals(a.path)] == [e["neg_elbo"] for e in read_evals(b.path)]
+    assert list(out.rglob(".*.part")) == []  # no half-written file survives the kills and the rerun
