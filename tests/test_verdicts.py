@@ -131,3 +131,10 @@ def test_elbo_verdict_branches():
     assert elbo_verdict(100.0, 100.5) == "supported"  # within 1%
     assert elbo_verdict(100.0, 105.0) == "not supported"  # 5% worse
     assert elbo_verdict(100.0, 90.0) == "supported"  # better than F-VI
+
+
+def test_a_single_seed_verdict_says_it_has_no_interval():
+    reach = [(0, 0.0, 0.2), (10, 10.0, 0.04)]
+    fast = [(0, 0.0, 0.2), (10, 2.0, 0.04)]
+    verdict = _speed_verdict(_results([reach], [fast]))
+    assert verdict["verdict"] == "supported on one seed (no interval)"
