@@ -58,7 +58,8 @@ def trajectory_table(results, key: str, scale_by_n: bool, epochs: list[int], dig
             cells = []
             for epoch in epochs:
                 values = [_at_epoch(r.curve(key), epoch, key) / (r.n if scale_by_n else 1) for r in runs]
-                cells.append(f"{np.median(values):.{digits}f}")
+                median = float(np.median(values))
+                cells.append("-" if math.isnan(median) else f"{median:.{digits}f}")
             lines.append(f"| {NAMES[dataset]} | {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -123,12 +124,14 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[0.1, 0.07, 0.05, 0.03],
                         help="train-MSE tolerances (default 0.1 0.07 0.05 0.03)")
     parser.add_argument("--every", type=int, default=50, help="epochs between trajectory columns (default 50)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=None,
+                        help="the trajectory columns' epochs (instead of --every)")
     args = parser.parse_args()
     for folder in args.folders:
         results = load_results(folder)
         name = results.grid.get("name", folder)
         last = max(e["epoch"] for by in results.groups.values() for runs in by.values() for r in runs for e in r.evals)
-        epochs = sorted({10, *range(args.every, last + 1, args.every), last})
+        epochs = sorted(set(args.epochs)) if args.epochs else sorted({10, *range(args.every, last + 1, args.every), last})
         print(f"## {name}\n\n### Final metrics (epoch {last})\n")
         print("\n".join(final_table(results)))
         print("\n### -ELBO per image along training\n")
