@@ -104,10 +104,10 @@ def test_cli_verify_and_a_corrupted_cached_file(copied_cache, capsys):
     assert "CORRUPT" in out and "t10k-images-idx3-ubyte" in out and "SHA-256" in out
     with pytest.raises(ChecksumMismatchError, match="t10k-images-idx3-ubyte"):
         load_split("mnist", "test")
-    # The CLI reports the same as one clear line, exit code 1, no traceback.
+    # The CLI reports the same as one clear line, exit code 2 (a user error), no traceback.
     proc = subprocess.run([sys.executable, "-m", "amortized_bayes", "data", "info", "mnist"],
                           capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "--repair" in proc.stderr
 
 

@@ -1,4 +1,8 @@
-"""The ``amortized-bayes`` command. Each subcommand lives in its own module and registers itself."""
+"""The ``amortized-bayes`` command. Each subcommand lives in its own module and registers itself.
+
+Error policy: a user error (a bad config or argument, an unknown preset, a missing or empty results
+folder, missing data) prints one line, ``error: ...``, on stderr and exits 2, as argparse does for its
+own errors; anything else is an internal error and keeps its traceback (exit 1)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Sequence
 from .. import __version__
 from ..config import ConfigError
 from ..data.errors import DataError
+from .errors import UserError
 from . import data as data_cmd
 from . import gap as gap_cmd
 from . import report as report_cmd
@@ -34,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (DataError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (DataError, ConfigError, UserError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

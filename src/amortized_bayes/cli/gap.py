@@ -69,22 +69,22 @@ def cmd_gap(args) -> int:
     from ..experiments.store import ResultStore
     from ..gap import AISConfig, GapConfig
 
+    from .errors import UserError
+
     if min(args.iwae_k, args.images, args.elbo_samples, args.ais_steps, args.ais_chains) < 1 or args.theta_draws < 0:
-        raise SystemExit("error: --images, --iwae-k, --elbo-samples, --ais-steps and --ais-chains must be >= 1, "
-                         "--theta-draws >= 0")
+        raise UserError("--images, --iwae-k, --elbo-samples, --ais-steps and --ais-chains must be >= 1, "
+                        "--theta-draws >= 0")
     if args.workers is not None and args.workers < 1:
-        raise SystemExit("error: --workers must be >= 1")
+        raise UserError("--workers must be >= 1")
     splits = ("train", "test") if args.split == "both" else (args.split,)
     ais = AISConfig(chains=args.ais_chains, steps=args.ais_steps) if args.ais else None
     config = GapConfig(images=args.images, splits=splits, iwae_samples=args.iwae_k, elbo_samples=args.elbo_samples,
                        ais=ais, theta_draws=args.theta_draws)
     if not args.out.is_dir():
-        print(f"error: {args.out} is not a results folder")
-        return 1
+        raise UserError(f"{args.out} is not a results folder")
     records = [r for r in ResultStore(args.out).records() if r.state == "done"]
     if not records:
-        print(f"error: no finished runs in {args.out}")
-        return 1
+        raise UserError(f"no finished runs in {args.out}")
     stored, todo = {}, []
     for rec in records:
         path = rec.path / "gap.json"

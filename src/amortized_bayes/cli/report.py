@@ -35,8 +35,16 @@ def _tolerance(text: str) -> tuple[str, float]:
 
 
 def cmd_report(args) -> int:
+    from ..experiments.store import ResultStore
     from ..report import build_report
+    from .errors import UserError
 
+    if not args.out.is_dir():
+        raise UserError(f"{args.out} is not a results folder")
+    if not any(r.state == "done" for r in ResultStore(args.out).records()):
+        raise UserError(f"no finished runs in {args.out}: nothing to report")
+    if args.images < 1:
+        raise UserError("--images must be >= 1")
     out = args.report_dir
     if out is None and args.tolerance is not None:
         out = args.out / f"report-{args.tolerance[0]}-{args.tolerance[1]:g}"

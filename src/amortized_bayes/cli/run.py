@@ -80,6 +80,13 @@ def cmd_run(args) -> int:
     from ..experiments.local import default_threads, run_local
     from ..experiments.store import ResultStore
 
+    from .errors import UserError
+
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0 seconds, got {args.checkpoint_every}")
     try:
         grid = load_grid(args)
         configs = grid.expand()
@@ -215,11 +222,14 @@ def print_summary(store, seconds: float | None = None) -> None:
 def cmd_status(args) -> int:
     from ..experiments.store import ResultStore
 
+    from .errors import UserError
+
+    if not args.out.is_dir():
+        raise UserError(f"{args.out} is not a results folder")
     store = ResultStore(args.out)
     records = store.records()
     if not records:
-        print(f"error: no runs in {args.out}", file=sys.stderr)
-        return 1
+        raise UserError(f"no runs in {args.out}")
     counts: dict[str, int] = {}
     print(f"{'run':48s} {'state':11s} {'epochs':>11s} {'time':>8s} {'left':>8s}")
     for rec in records:
