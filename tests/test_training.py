@@ -165,10 +165,15 @@ def test_same_seed_same_numbers_other_seed_other_numbers(mnist, family):
     assert a.history.neg_elbo != c.history.neg_elbo
 
 
-def test_nan_stops_with_the_step_named_and_last_good_state_kept(mnist):
+def test_nan_stops_with_the_step_named_and_last_good_state_kept(mnist, monkeypatch):
+    import amortized_bayes.training as training
+
     x = mnist.train.clone()
     x[75, 3] = float("nan")  # in the second fixed batch of 50
     cfg = config("amortized", epochs=1, batches="fixed")
+    # The evaluation before the first step would see the NaN first (and fail with
+    # NonFiniteEvaluationError, tested below): stub it, to test the step's own guard.
+    monkeypatch.setattr(training, "evaluate", lambda *args: ({"train_mse": 0.0}, None))
     with pytest.raises(NonFiniteLossError, match=r"step 2 \(epoch 1\)") as info:
         fit(cfg, TrainingData(x, None))
     err = info.value
@@ -179,6 +184,9 @@ def test_nan_stops_with_the_step_named_and_last_good_state_kept(mnist):
                           train=TrainConfig(epochs=1, batch_size=50, batches="fixed", eval_every=1)),
                 TrainingData(mnist.train[:50].repeat(4, 1), None))
     assert err.result.history.neg_elbo[0] == clean.history.neg_elbo[0]
+    monkeypatch.undo()
+    with pytest.raises(training.NonFiniteEvaluationError, match="epoch 0"):
+        fit(cfg, TrainingData(x, None))
 
 
 def test_semi_amortized_refinement_raises_the_local_elbo_and_trains_the_encoder(mnist):
