@@ -423,7 +423,7 @@ def speed_verdict(wide: dict, metric: str, tol) -> dict:
             parts.append(f"{label}: neither A-VI's nor F-VI's median reached {metric} <= {tol}")
             continue
         known[label] = s
-        parts.append(f"{label}: {s.describe()} less training time to {metric} <= {tol}")
+        parts.append(f"{label}: speed-up over F-VI in training seconds to {metric} <= {tol}: {s.describe()}")
     if not known:
         verdict = "not testable"
     elif all(s.ci[0] >= 2 for s in known.values()):
