@@ -26,6 +26,27 @@ def colours(results: Results) -> dict[str, tuple]:
     return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
 
 
+CAPTIONS = {
+    "elbo": "-ELBO per image (the per-step minibatch estimate) against training steps (left) and training "
+            "seconds (right): median over seeds, the range shaded, each seed faint.",
+    "mse": "Reconstruction MSE at the variational means against epochs, on the training images (left) and "
+           "the test images (right); the dashed line is the grid's tolerance.",
+    "tolerance": "Epochs (left) and training seconds (right) each seed took to first reach the tolerance; a "
+                 "cross marks seeds that never reached it within their run.",
+    "reconstructions": "Training and test images (first row) and each method's reconstruction of them at the "
+                       "variational means.",
+    "gap": "Left: the amortization gap ELBO_x(q*) - ELBO_x(q) per method against encoder width (F-VI and "
+           "constant-VI as lines), train and test images. Right: how fast local Adam steps close it from "
+           "each method's q, and from the prior (what F-VI pays per new image).",
+}
+
+
+def caption(figure: Path) -> str:
+    """The sentence saying what a figure shows (its file is ``<dataset>-<kind>.png``)."""
+    dataset, _, kind = figure.stem.rpartition("-")
+    return f"{dataset}: {CAPTIONS[kind]}" if kind in CAPTIONS else figure.stem
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -206,7 +227,8 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
     a1.set_ylabel("amortization gap (nats per image)")
     a1.set_title(f"{dataset}: ELBO_x(q*) - ELBO_x(q), median over seeds (bars: range)", fontsize=9)
     a1.grid(alpha=0.3, which="both")
-    a1.legend(fontsize=7, frameon=False)
+    # Legends below the axes: inside, they covered the points they name.
+    a1.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     scratch_drawn = False
     for m, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
         run = next((r for r in runs if r.gap), None)
@@ -230,6 +252,6 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
     a2.set_ylabel("ELBO_x(q*) - ELBO_x (nats per image)")
     a2.set_title(f"{dataset}: refinement from each method's q (test images)", fontsize=9)
     a2.grid(alpha=0.3, which="both")
-    a2.legend(fontsize=7, frameon=False)
+    a2.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     return _save(fig, out, f"{dataset}-gap")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import __version__
 from .analysis import dataset_table, gap_table, load_results, with_tolerance
 from .data.atomic import atomic_write_text
-from .plotting import elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
+from .plotting import caption, elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
 
 
 def _fmt(value, digits=4) -> str:
@@ -176,8 +176,7 @@ def _markdown(results, sections, out: Path) -> str:
         else:
             lines += ["Amortization gap: not measured yet (`amortized-bayes gap DIR`, then `report DIR` again).", ""]
         for fig in figs:
-            lines.append(f"![{fig.stem}]({fig.relative_to(out).as_posix()})")
-        lines.append("")
+            lines += [f"![{caption(fig)}]({fig.relative_to(out).as_posix()})", "", f"*{caption(fig)}*", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +203,8 @@ def _html(results, sections) -> str:
             body.append("</tbody></table>")
         for fig in figs:
             data = base64.b64encode(fig.read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{esc(fig.stem)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{esc(fig.stem)}</figcaption></figure>")
+            body.append(f'<figure><img alt="{esc(caption(fig))}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{esc(caption(fig))}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}")
