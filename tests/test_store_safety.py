@@ -221,3 +221,22 @@ def test_a_held_lock_makes_a_run_busy_and_force_unlock_clears_it(reference, tmp_
         assert record.state == "done" and numbers(record.path) == numbers(whole[record.run_id].path)
     finally:
         held.release()
+
+
+def test_ray_write_back_never_moves_a_run_backwards(tmp_path):
+    """A task's returned checkpoint older than the one in the store (a late message from an earlier
+    attempt) is not written; a newer one is."""
+    from amortized_bayes.config import RunConfig
+    from amortized_bayes.experiments.ray_executor import _write_back
+
+    store = ResultStore(tmp_path / "out")
+    record = store.plan(RunConfig())
+    store.update_status(record.path, steps_done=100)
+    (record.path / "state.pt").write_bytes(b"newer")
+    old = {"files": {"status.json": json.dumps({"steps_done": 50}).encode(), "state.pt": b"older"}}
+    _write_back(record, old, "attempt\n")
+    assert (record.path / "state.pt").read_bytes() == b"newer"
+    assert read_json(record.path / "status.json")["steps_done"] == 100
+    new = {"files": {"status.json": json.dumps({"steps_done": 150}).encode(), "state.pt": b"newest"}}
+    _write_back(record, new, "attempt\n")
+    assert (record.path / "state.pt").read_bytes() == b"newest"

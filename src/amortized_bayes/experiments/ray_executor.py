@@ -5,9 +5,12 @@ places it, then returns the run's files (metrics, model, log, and its training s
 finish); the driver writes them into the store as runs finish, so the folder looks exactly as after a
 local run and ``report``/``gap``/``status`` work unchanged. Nodes need no shared filesystem.
 
-Failures: a task lost with its node (or its worker process) is resubmitted by Ray itself
-(``max_retries``); a run that fails (an error, a NaN) is resubmitted by the driver from the training
-state it returned, up to ``retries`` more attempts, then recorded as failed while the grid goes on.
+Failures: one retry policy, the driver's. Ray does not retry tasks itself (``max_retries=0``: its
+retry would restart from the state the task was submitted with); a task lost with its node or its
+worker process, and a run that fails (an error, a NaN), are resubmitted by the driver from the newest
+training state in the store, up to ``retries`` more attempts, then recorded as failed while the grid
+goes on. A checkpoint is written into the store only if it is at least as far along as the one there,
+so a late message from an old attempt cannot move a run backwards.
 Finished runs are on the driver's disk as soon as their task returns, so losing a node later loses none;
 while a run trains, its checkpoints are forwarded to the driver's store (through a small actor on the
 driver's node), so a run resumes from its last checkpoint after its driver is killed, as locally.
@@ -134,12 +137,25 @@ def _node_ip() -> str | None:
         return None
 
 
+def _progress(status: bytes | dict | None) -> int:
+    """Steps done according to a status (JSON bytes or a dict); 0 when unknown."""
+    try:
+        value = json.loads(status) if isinstance(status, (bytes, str)) else (status or {})
+        return int(value.get("steps_done") or 0)
+    except (ValueError, TypeError, AttributeError):
+        return 0
+
+
 def _write_back(record: RunRecord, result: dict, attempt_log: str) -> None:
-    """Store a task's files in the driver's run folder; the log is appended, not replaced."""
+    """Store a task's files in the driver's run folder; the log is appended, not replaced. An
+    unfinished task's checkpoint older than the stored one is not written."""
     files = dict(result["files"])
     log = files.pop("log.txt", b"")
     if "state.pt" not in files:
         (record.path / "state.pt").unlink(missing_ok=True)
+    elif _progress(files.get("status.json")) < _progress(read_json(record.path / "status.json", {})):
+        files.pop("state.pt")
+        files.pop("status.json", None)
     for name, data in files.items():
         atomic_write_bytes(record.path / name, data)
     with open(record.path / "log.txt", "ab") as f:
@@ -168,6 +184,8 @@ def _store_checkpoints(ray, sink, records: dict[str, RunRecord], running: set[st
     for run_id, (state, status) in latest.items():
         if run_id in running and run_id in records:
             path = records[run_id].path
+            if _progress(status) < _progress(read_json(path / "status.json", {})):
+                continue  # an older attempt's checkpoint arriving late: never move a run backwards
             atomic_write_bytes(path / "state.pt", state)
             progress = {k: v for k, v in json.loads(status).items() if k in ("epochs_done", "steps_done",
                                                                                "train_seconds", "updated_at")}
@@ -188,7 +206,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                  configure_logging=True)
-    task = ray.remote(execute_task).options(num_cpus=threads, num_gpus=gpus, max_retries=max(0, retries))
+    task = ray.remote(execute_task).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
     sink = _make_sink(ray)
     busy = {r.run_id for r in records if r.alive}
     todo = [r for r in records if r.state != "done" and r.run_id not in busy]
