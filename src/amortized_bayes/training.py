@@ -326,6 +326,9 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
             result.test_family.load_state_dict(state["test_family"])
     last_save = time.monotonic()
 
+    def trace(epoch: int, train_mse: float) -> None:
+        history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds, "train_mse": train_mse})
+
     def do_eval(epoch: int) -> None:
         record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
         bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
@@ -334,8 +337,7 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         record.update(epoch=epoch, step=step, wall_time=train_seconds)
         history.evals.append(record)
         if t.mse_every:
-            history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds,
-                                      "train_mse": record["train_mse"]})
+            trace(epoch, record["train_mse"])
         if on_eval is not None:
             on_eval(record)
 
@@ -366,8 +368,7 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         if epoch % t.eval_every == 0 or epoch == t.epochs:
             do_eval(epoch)
         elif t.mse_every and epoch % t.mse_every == 0:
-            history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds,
-                                      "train_mse": train_mse_now(model, family, data, config, epoch)})
+            trace(epoch, train_mse_now(model, family, data, config, epoch))
         if checkpoint is not None:
             due = (checkpoint.every_epochs is not None and epoch % checkpoint.every_epochs == 0) or (
                 time.monotonic() - last_save >= checkpoint.every_seconds) or epoch == t.epochs
