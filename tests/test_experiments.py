@@ -262,28 +262,40 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
     themselves, no run is started twice, and the final numbers equal an uninterrupted grid's."""
     import random
 
-    # 30 epochs (~10 s a run here): long enough that a kill within 1.5 s of the first finished epoch
-    # lands mid-run (with 10 epochs the runs could finish first, and the test then proved nothing).
-    grid = tiny_grid(epochs=30)
+    # Each kill is aimed at a run in progress, not at a timer: CI's idle cores finished all three 30-epoch
+    # runs inside a 1.27 s sleep once, so no kill interrupted anything and the test proved nothing. The
+    # poll (every 20 ms) waits for a run this driver is training with epochs left (an epoch here takes
+    # ~30-300 ms), then kills at once or after up to 0.2 s; the workers stop at their next epoch boundary.
+    epochs = 30
+    grid = tiny_grid(epochs=epochs)
     cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1")
     out = tmp_path / "killed"
     rng = random.Random(0)
+
+    def training_now() -> list[str]:
+        return [p.parent.name for p in out.glob("runs/*/status.json")
+                if (s := read_json(p, {}) or {}).get("state") == "running"
+                and 0 < (s.get("epochs_done") or 0) < epochs // 2]
+
+    interrupted = set()
     for _ in range(2):
         driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
                                    "--workers", "2", "--threads", "1", "--checkpoint-every", "0"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        _wait_for(lambda: any((read_json(p, {}) or {}).get("epochs_done") for p in out.glob("runs/*/status.json")))
-        time.sleep(rng.uniform(0.0, 1.5))
+        interrupted.update(_wait_for(training_now))
+        time.sleep(rng.uniform(0.0, 0.2))
         driver.kill()
         driver.wait(30)
         # Orphaned workers notice at their next epoch boundary and stop. Wait for the processes
         # themselves (the driver's session): a worker it had just started may not have registered yet.
         _wait_for(lambda: not _session_alive(driver.pid), timeout=60)
         _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
+        for run in interrupted:  # the kill stopped them where they were
+            assert read_json(out / "runs" / run / "status.json")["state"] != "done"
     cli("run", grid, "--out", out, "--workers", "2", "--threads", "1")
     killed, whole = ResultStore(out).records(), ResultStore(tmp_path / "whole").records()
     assert [r.run_id for r in killed] == [r.run_id for r in whole]
-    assert any(r.status["attempts"] >= 2 for r in killed)  # the kills did interrupt runs
+    assert all(r.status["attempts"] >= 2 for r in killed if r.run_id in interrupted)
     for a, b in zip(killed, whole):
         assert a.state == "done"
         assert read_steps(a.path)["neg_elbo"] == read_steps(b.path)["neg_elbo"]
