@@ -132,8 +132,19 @@ class LoopbackCluster:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
+    """One cluster for the tests that leave it as they found it (starting one costs ~15 s of CI's 2 cores)."""
+    c = LoopbackCluster().start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def own_cluster():
+    """A cluster of the test's own, for a test that kills one of its nodes."""
     c = LoopbackCluster().start()
     try:
         yield c
@@ -199,10 +210,13 @@ def test_ray_grid_equals_local_and_skips_finished_runs(cluster, tmp_path):
 def test_nodes_without_data_fail_clearly_unless_the_driver_ships_it(cluster, tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(epochs=2))
-    (cluster.shared / "mnist").rename(cluster.shared / "gone")  # the nodes can no longer find MNIST
     args = ["run", grid, "--out", tmp_path / "out", "--executor", "ray", "--address", cluster.address,
             "--retries", "0", "--set", "family.name=factorized"]
-    proc = _cli(*args, env=cluster.driver_env)
+    (cluster.shared / "mnist").rename(cluster.shared / "gone")  # the nodes can no longer find MNIST
+    try:
+        proc = _cli(*args, env=cluster.driver_env)
+    finally:  # the shared cluster is given back as it was
+        (cluster.shared / "gone").rename(cluster.shared / "mnist")
     assert proc.returncode == 1
     (run,) = (tmp_path / "out" / "runs").iterdir()
     status = json.loads((run / "status.json").read_text())
@@ -212,7 +226,8 @@ def test_nodes_without_data_fail_clearly_unless_the_driver_ships_it(cluster, tmp
     assert json.loads((run / "status.json").read_text())["state"] == "done"
 
 
-def test_killing_a_worker_node_mid_grid_loses_no_run(cluster, tmp_path):
+def test_killing_a_worker_node_mid_grid_loses_no_run(own_cluster, tmp_path):
+    cluster = own_cluster
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(epochs=60))
     out = tmp_path / "ray"

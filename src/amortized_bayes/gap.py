@@ -344,6 +344,48 @@ def _first_reaching(curve: list[dict], level: float) -> dict | None:
     return next(({"steps": c["steps"], "seconds": c["seconds"]} for c in curve if c["elbo_mean"] >= level), None)
 
 
+@dataclass
+class ImageGaps:
+    """Per-image results (M,) in nats, averaged over the thetas: ELBO_x under the family's q and under q*,
+    log p(x | theta) by IWAE (and AIS), the two gaps; ``per_theta`` keeps each theta's optimisations
+    (their costs and curves); ``log_sigma_clamped_images`` counts images whose family log sigma was
+    outside LOG_SIGMA_RANGE (clamped to it)."""
+
+    elbo_family: torch.Tensor
+    elbo_q_star: torch.Tensor
+    log_px_iwae: torch.Tensor
+    amortization_gap: torch.Tensor
+    approximation_gap: torch.Tensor
+    log_px_ais: torch.Tensor | None
+    approximation_gap_ais: torch.Tensor | None
+    per_theta: list[dict]
+    log_sigma_clamped_images: int
+
+
+def gaps_per_image(model: BayesianDecoder, x: torch.Tensor, mu_f: torch.Tensor, ls_f: torch.Tensor,
+                   thetas: list[ThetaDraw], config: GapConfig, generator: torch.Generator | None) -> ImageGaps:
+    """The amortization and approximation gaps of images ``x`` (M, D) whose family q(z) is
+    N(mu_f, exp(ls_f)^2) (M, d each), averaged over ``thetas``: the per-image core of
+    :func:`measure_gap`, also used by ``infer --gap`` on new images."""
+    clamped = int(((ls_f < LOG_SIGMA_RANGE[0]) | (ls_f > LOG_SIGMA_RANGE[1])).any(-1).sum())
+    ls_f = ls_f.clamp(*LOG_SIGMA_RANGE)
+    per_theta = [_gap_at_theta(model, x, mu_f, ls_f, theta, config, generator) for theta in thetas]
+    avg = partial(_average, per_theta)
+    elbo_family, elbo_star, log_px = avg("elbo_family"), avg("elbo_q_star"), avg("log_px_iwae")
+    log_px_ais = avg("log_px_ais") if config.ais is not None else None
+    return ImageGaps(elbo_family, elbo_star, log_px, elbo_star - elbo_family, log_px - elbo_star, log_px_ais,
+                     None if log_px_ais is None else log_px_ais - elbo_star, per_theta, clamped)
+
+
+def posterior_mean_or_draws(model: BayesianDecoder, config: GapConfig,
+                            generator: torch.Generator | None) -> tuple[list[ThetaDraw], str]:
+    """The thetas a gap is measured at, and how to say so: the posterior mean, or ``theta_draws`` draws."""
+    if config.theta_draws:
+        return sample_thetas(model, config.theta_draws, generator), \
+            f"average over {config.theta_draws} draws of q(theta)"
+    return [model.mean()], "posterior mean"
+
+
 def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = GapConfig()) -> dict:
     """Amortization and approximation gaps (nats per image) of a fitted model (``FittedModel``).
     ``images`` maps a split name to images (M, D); for "train" they must be the first M images of the
@@ -359,11 +401,7 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
     g = torch.Generator().manual_seed(config.seed)
     model, family = fitted.model, fitted.family
     model.requires_grad_(False)
-    if config.theta_draws:
-        thetas = sample_thetas(model, config.theta_draws, g)
-        theta_label = f"average over {config.theta_draws} draws of q(theta)"
-    else:
-        thetas, theta_label = [model.mean()], "posterior mean"
+    thetas, theta_label = posterior_mean_or_draws(model, config, g)
     result = {"theta": theta_label, "family": family.name, "config": config.to_dict(), "splits": {}}
     for split, x in images.items():
         m = x.shape[0]
@@ -376,13 +414,12 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
             post = infer_local(model, family, x, fitted.config.train.test_inference, g)
             mu_f, ls_f = post.mu, post.log_sigma
             family_cost = {"steps": post.steps, "seconds": post.seconds}
-        clamped = int(((ls_f < LOG_SIGMA_RANGE[0]) | (ls_f > LOG_SIGMA_RANGE[1])).any(-1).sum())
-        ls_f = ls_f.clamp(*LOG_SIGMA_RANGE)
-        per_theta = [_gap_at_theta(model, x, mu_f, ls_f, theta, config, g) for theta in thetas]
+        gaps = gaps_per_image(model, x, mu_f, ls_f, thetas, config, g)
+        per_theta, clamped = gaps.per_theta, gaps.log_sigma_clamped_images
         avg = partial(_average, per_theta)
         cost = partial(_average_cost, per_theta)
-        elbo_family, elbo_star, log_px = avg("elbo_family"), avg("elbo_q_star"), avg("log_px_iwae")
-        amortization, approximation = elbo_star - elbo_family, log_px - elbo_star
+        elbo_family, elbo_star, log_px = gaps.elbo_family, gaps.elbo_q_star, gaps.log_px_iwae
+        amortization, approximation = gaps.amortization_gap, gaps.approximation_gap
         refinement = _mean_curve([r["q_fam"].curve for r in per_theta])
         scratch = _mean_curve([r["q_pri"].curve for r in per_theta])
         family_mean, star_mean = float(elbo_family.mean()), float(elbo_star.mean())
@@ -410,7 +447,7 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
             "log_sigma_clamped_images": clamped,
         }
         if config.ais is not None:
-            log_px_ais = avg("log_px_ais")
+            log_px_ais = gaps.log_px_ais
             s.update(log_px_ais=_stats(log_px_ais), approximation_gap_ais=_stats(log_px_ais - elbo_star),
                      ais_minus_iwae=_stats(log_px_ais - log_px), ais_ess=_stats(avg("ais_ess")),
                      ais_acceptance=_stats(avg("ais_acceptance")),

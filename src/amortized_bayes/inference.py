@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,11 +42,15 @@ def local_negative_elbo(model: BayesianDecoder, family: VariationalFamily, x: to
     return -elbo_per_image(model, x, mu, log_sigma, theta, num_samples, generator).sum()
 
 
+StepCallback = Callable[[int, float], None]
+
+
 def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch.Tensor,
                      config: LocalInferenceConfig, generator: torch.Generator | None = None,
-                     max_steps: int | None = None) -> tuple[int, float, bool]:
+                     max_steps: int | None = None, on_step: StepCallback | None = None) -> tuple[int, float, bool]:
     """Optimise ``family``'s parameters (only) on the local ELBO of ``x``. Returns (steps, seconds,
-    converged). q(theta) is not modified."""
+    converged). q(theta) is not modified. ``on_step(steps, loss)`` is called after every step (a
+    progress bar); ``loss`` is -sum_m ELBO_m of that step's draw, in nats."""
     params = [p for p in family.parameters()]
     optimiser = torch.optim.Adam(params, lr=config.lr)
     limit = config.max_steps if max_steps is None else max_steps
@@ -59,6 +64,8 @@ def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch
         optimiser.step()
         steps += 1
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(steps, losses[-1])
         if len(losses) == window:
             current = sum(losses) / window
             if previous is not None and (previous - current) < config.rtol * abs(previous):
@@ -70,10 +77,12 @@ def fit_local_family(model: BayesianDecoder, family: VariationalFamily, x: torch
 
 def infer_local(model: BayesianDecoder, family: VariationalFamily, x: torch.Tensor,
                 config: LocalInferenceConfig | None = None, generator: torch.Generator | None = None,
-                warm_start: VariationalFamily | None = None) -> LocalPosterior:
+                warm_start: VariationalFamily | None = None, on_step: StepCallback | None = None) -> LocalPosterior:
     """q(z) for new images ``x`` (M, D) under any family, with q(theta) frozen.
 
     ``warm_start``: a family for these same images from an earlier call, to continue from.
+    ``on_step``: called after each optimisation step of a family without an encoder (see
+    :func:`fit_local_family`); amortized families take no steps.
     """
     config = config or LocalInferenceConfig()
     frozen = [p.requires_grad for p in model.parameters()]
@@ -88,7 +97,7 @@ def infer_local(model: BayesianDecoder, family: VariationalFamily, x: torch.Tens
                 torch.cuda.synchronize(x.device)  # a GPU returns before it has computed: time the work
             return LocalPosterior(mu.detach(), log_sigma.detach(), 0, time.perf_counter() - start, True, family)
         local = warm_start if warm_start is not None else family.for_new_data(x.shape[0])
-        steps, seconds, converged = fit_local_family(model, local, x, config, generator)
+        steps, seconds, converged = fit_local_family(model, local, x, config, generator, on_step=on_step)
         with torch.no_grad():
             mu, log_sigma = local.local_params(x, None)
         return LocalPosterior(mu.detach().clone(), log_sigma.detach().clone(), steps, seconds, converged, local)

@@ -16,10 +16,11 @@ from ..data.errors import DataError
 from .errors import UserError
 from . import data as data_cmd
 from . import gap as gap_cmd
+from . import infer as infer_cmd
 from . import report as report_cmd
 from . import run as run_cmd
 
-COMMANDS = (data_cmd, run_cmd, report_cmd, gap_cmd)
+COMMANDS = (data_cmd, run_cmd, report_cmd, gap_cmd, infer_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from .errors import (
     DataNotFoundError,
     HeaderSizeMismatchError,
     IDXFormatError,
+    ImageInputError,
     TruncatedIDXError,
     UnexpectedShapeError,
     UnknownDatasetError,
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BadMagicError", "ChecksumMismatchError", "CorruptGzipError", "DataError", "DataNotFoundError",
-    "HeaderSizeMismatchError", "IDXFormatError", "TruncatedIDXError", "UnexpectedShapeError",
+    "HeaderSizeMismatchError", "IDXFormatError", "ImageInputError", "TruncatedIDXError", "UnexpectedShapeError",
     "UnknownDatasetError", "parse_idx", "read_idx", "Split", "binarize_pixels", "load_split",
     "select_indices", "DATASETS", "SPLITS", "DatasetSpec", "FileSpec", "get_dataset", "describe",
     "load_arrays", "resolve", "verify_cached",

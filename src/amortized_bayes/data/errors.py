@@ -45,3 +45,7 @@ class DataNotFoundError(DataError):
 
 class UnknownDatasetError(DataError, ValueError):
     """A dataset or split name that the registry does not know."""
+
+
+class ImageInputError(DataError):
+    """A user's image file or folder cannot be used as it is (unreadable, wrong shape, values out of range)."""
