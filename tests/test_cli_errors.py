@@ -27,7 +27,11 @@ CASES = [
     ("gap-missing", ["gap", "nowhere"], "not a results folder"),
     ("gap-empty", ["gap", "EMPTY"], "no finished runs"),
     ("gap-bad-images", ["gap", "EMPTY", "--images", "0"], "--images"),
-    ("data-unknown", ["data", "info", "cifar"], "invalid choice"),
+    ("data-unknown", ["data", "info", "cifar"], "unknown dataset 'cifar'"),
+    ("data-file-fetch", ["data", "fetch", "file:x.npz"], "is not fetched"),
+    ("data-file-missing", ["data", "info", "file:/nonexistent/x.npz"], "no such file"),
+    ("infer-missing", ["infer", "nowhere", "x.npy", "--out", "o"], "no such run folder"),
+    ("infer-results-folder", ["infer", "EMPTY", "x.npy", "--out", "o"], "not a run folder"),
     ("argparse", ["report"], "the following arguments are required"),
 ]
 
@@ -40,6 +44,6 @@ def test_each_user_error_is_one_line_and_exit_2(tmp_path, name, args, match):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("amortized-bayes") or lines[-1].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr and match in proc.stderr
-    if name not in ("argparse", "data-unknown"):  # argparse prints its usage first, as argparse tools do
+    if name != "argparse":  # argparse prints its usage first, as argparse tools do
         assert len(lines) == 1, proc.stderr
     assert not (tmp_path / "o").exists()  # nothing written

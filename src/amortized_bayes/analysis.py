@@ -120,7 +120,7 @@ def load_results(root: str | Path) -> Results:
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
                       read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {},
                       read_json(rec.path / "gap.json", None), read_mse_trace(rec.path))
-        by_method = results.groups.setdefault(rec.config.data.dataset, {})
+        by_method = results.groups.setdefault(rec.config.data.label, {})
         by_method.setdefault(method_label(rec.config), []).append(run)
     for by_method in results.groups.values():
         for runs in by_method.values():

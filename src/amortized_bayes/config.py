@@ -87,7 +87,12 @@ def _in_range(value, low, high, name: str) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     """Which images: ``n_train`` rows of the training split (first or a seeded random subset) and the
-    first ``n_test`` of the test split (None: the whole split)."""
+    first ``n_test`` of the test split (None: the whole split).
+
+    ``dataset``: ``mnist``, ``fashion-mnist`` (or an alias), or ``file:PATH`` for a user's ``.npz`` of
+    ``train`` and ``test`` images (see :mod:`amortized_bayes.data.user_dataset`); for a file, the path is
+    made absolute and ``file_sha256`` and ``image_height``/``image_width`` are read from it when not
+    given (a stored config keeps the values it was planned with), so the run id follows the contents."""
 
     dataset: str = "mnist"
     n_train: Optional[int] = 1000
@@ -96,22 +101,78 @@ class DataConfig:
     n_test: Optional[int] = 1000
     binarize: Literal["none", "threshold", "stochastic"] = "none"
     binarize_seed: int = 0
+    file_sha256: Optional[str] = None
+    image_height: Optional[int] = None
+    image_width: Optional[int] = None
 
     def __post_init__(self):
         from .data.registry import ALIASES, DATASETS
+        from .data import user_dataset
 
         _check_types(self, "data")
-        key = self.dataset.strip().lower()
-        key = ALIASES.get(key, key)
-        _check(key in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
-        # One spelling per dataset, so that aliases and case cannot make two run ids for the same data.
-        object.__setattr__(self, "dataset", key)
-        _check(self.n_train is None or 1 <= self.n_train <= 60_000, "data.n_train",
-               f"must be between 1 and 60000 (the training split's size), got {self.n_train}")
-        _check(self.n_test is None or 0 <= self.n_test <= 10_000, "data.n_test",
-               f"must be between 0 and 10000 (the test split's size), got {self.n_test}")
+        if user_dataset.is_file_dataset(self.dataset.strip()):
+            self._file_dataset()
+        else:
+            key = self.dataset.strip().lower()
+            key = ALIASES.get(key, key)
+            _check(key in DATASETS, "data.dataset",
+                   f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}, or file:PATH.npz")
+            # One spelling per dataset, so that aliases and case cannot make two run ids for the same data.
+            object.__setattr__(self, "dataset", key)
+            for name in ("file_sha256", "image_height", "image_width"):
+                _check(getattr(self, name) is None, f"data.{name}", f"only for a file: dataset, not {key}")
+            _check(self.n_train is None or 1 <= self.n_train <= 60_000, "data.n_train",
+                   f"must be between 1 and 60000 (the training split's size), got {self.n_train}")
+            _check(self.n_test is None or 0 <= self.n_test <= 10_000, "data.n_test",
+                   f"must be between 0 and 10000 (the test split's size), got {self.n_test}")
         _in_range(self.subset_seed, 0, 2**32 - 1, "data.subset_seed")
         _in_range(self.binarize_seed, 0, 2**63 - 1, "data.binarize_seed")
+
+    def _file_dataset(self) -> None:
+        from .data import user_dataset
+
+        try:
+            name = user_dataset.normalise(self.dataset.strip())
+        except user_dataset.UserDatasetError as exc:
+            raise ConfigError(f"data.dataset: {exc}") from None
+        object.__setattr__(self, "dataset", name)
+        if self.file_sha256 is None:
+            try:
+                info = user_dataset.inspect(name)
+            except user_dataset.UserDatasetError as exc:
+                raise ConfigError(f"data.dataset: {exc}") from None
+            object.__setattr__(self, "file_sha256", info.sha256)
+            object.__setattr__(self, "image_height", info.shape[0])
+            object.__setattr__(self, "image_width", info.shape[1])
+            sizes = info.sizes
+        else:
+            _check(re.fullmatch(r"[0-9a-f]{64}", self.file_sha256) is not None, "data.file_sha256",
+                   f"must be 64 lowercase hex digits, got {self.file_sha256!r}")
+            _check(self.image_height is not None and self.image_width is not None, "data.image_height",
+                   "a file dataset with a recorded SHA-256 needs its image_height and image_width")
+            sizes = {"train": 10**8, "test": 10**8}
+        for name in ("image_height", "image_width"):
+            _in_range(getattr(self, name), 1, 4096, f"data.{name}")
+        _check(self.n_train is None or 1 <= self.n_train <= sizes["train"], "data.n_train",
+               f"must be between 1 and {sizes['train']} (the file's training images), got {self.n_train}")
+        _check(self.n_test is None or 0 <= self.n_test <= sizes["test"], "data.n_test",
+               f"must be between 0 and {sizes['test']} (the file's test images), got {self.n_test}")
+
+    @property
+    def is_file(self) -> bool:
+        return self.file_sha256 is not None
+
+    @property
+    def label(self) -> str:
+        """The dataset's short name in run ids, tables and figures (``file-<stem>`` for a file)."""
+        from .data import user_dataset
+
+        return user_dataset.label(self.dataset) if self.is_file else self.dataset
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(H, W) of one image: the file's, or 28 x 28 for MNIST and Fashion-MNIST."""
+        return (self.image_height, self.image_width) if self.is_file else (28, 28)
 
 
 @dataclass(frozen=True)
@@ -284,6 +345,14 @@ class RunConfig:
 
     def __post_init__(self):
         _check_types(self, "config")
+        if self.data.is_file:
+            pixels = self.data.image_shape[0] * self.data.image_shape[1]
+            if self.model.data_dim == ModelConfig().data_dim and pixels != self.model.data_dim:
+                # The model follows the file's image size unless data_dim was set by hand.
+                object.__setattr__(self, "model", replace(self.model, data_dim=pixels))
+            _check(self.model.data_dim == pixels, "model.data_dim",
+                   f"must be {pixels} (the file's {self.data.image_shape[0]}x{self.data.image_shape[1]} images), "
+                   f"got {self.model.data_dim}")
         n = self.data.n_train
         if n is not None and self.train.batch_size is not None:
             _check(self.train.batch_size <= n, "train.batch_size",

@@ -465,6 +465,7 @@ def measure_run_gap(run_dir, config: GapConfig = GapConfig()) -> dict:
     from .checkpoint import load_fit
     from .data import load_split
     from .data.atomic import atomic_write_text
+    from .data.user_dataset import test_split_size
 
     run_dir = Path(run_dir)
     fitted = load_fit(run_dir / "model.pt")
@@ -472,11 +473,11 @@ def measure_run_gap(run_dir, config: GapConfig = GapConfig()) -> dict:
     images = {}
     if "train" in config.splits:
         train = load_split(d.dataset, "train", n=d.n_train, subset=d.subset, seed=d.subset_seed,
-                           binarize=d.binarize, binarize_seed=d.binarize_seed).images
+                           binarize=d.binarize, binarize_seed=d.binarize_seed, sha256=d.file_sha256).images
         images["train"] = train[: config.images]
     if "test" in config.splits:
-        images["test"] = load_split(d.dataset, "test", n=config.images, binarize=d.binarize,
-                                    binarize_seed=d.binarize_seed + 1).images
+        images["test"] = load_split(d.dataset, "test", n=min(config.images, test_split_size(d)), binarize=d.binarize,
+                                    binarize_seed=d.binarize_seed + 1, sha256=d.file_sha256).images
     result = measure_gap(fitted, images, config)
     result["run_id"] = run_dir.name
     atomic_write_text(run_dir / "gap.json", json.dumps(result, indent=1) + "\n")

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from .analysis import Results, encoder_width, method_order  # noqa: E402
+from .data.user_dataset import test_split_size  # noqa: E402
 
 FEW_SEEDS = 5
 PALETTE = plt.get_cmap("tab10").colors
@@ -163,9 +164,13 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     methods = sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0]))
     first = methods[0][1][0].config.data
     # The first images of the run's own training subset: rows 0..count-1 of its F-VI factors.
-    train = load_split(dataset, "train", n=first.n_train, subset=first.subset, seed=first.subset_seed,
-                       binarize=first.binarize, binarize_seed=first.binarize_seed).images[:count]
-    test = load_split(dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1).images
+    # A file dataset may hold fewer images than a row shows: both rows then show as many as both splits have.
+    count = min(count, first.n_train or count, test_split_size(first))
+    train = load_split(first.dataset, "train", n=first.n_train, subset=first.subset, seed=first.subset_seed,
+                       binarize=first.binarize, binarize_seed=first.binarize_seed, sha256=first.file_sha256).images[:count]
+    test = load_split(first.dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1,
+                      sha256=first.file_sha256).images
+    height, width = first.image_shape
     rows = [("original", train, test)]
     for label, runs in methods:
         fitted = load_fit(runs[0].path / "model.pt")
@@ -178,7 +183,7 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     fig, axes = plt.subplots(len(rows), 2, figsize=(2 * count * 0.55 + 1.5, len(rows) * 0.75 + 0.6))
     for r, (label, tr, te) in enumerate(rows):
         for c, images in enumerate((tr, te)):
-            strip = images.clamp(0, 1).reshape(count, 28, 28).permute(1, 0, 2).reshape(28, count * 28)
+            strip = images.clamp(0, 1).reshape(count, height, width).permute(1, 0, 2).reshape(height, count * width)
             ax = axes[r, c]
             ax.imshow(strip.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])

@@ -7,11 +7,16 @@ import json
 from pathlib import Path
 
 from ..data import DATASETS, describe, get_dataset, resolve, verify_cached
+from ..data import user_dataset
+from .errors import UserError
 
 CHOICES = (*DATASETS, "all")
 
 
 def _names(which: str) -> list[str]:
+    if user_dataset.is_file_dataset(which):
+        raise UserError(f"{which}: a file: dataset is not fetched or cached; `data info {which}` checks and "
+                        "describes it")
     return list(DATASETS) if which == "all" else [get_dataset(which).name]
 
 
@@ -20,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("dataset", nargs="?", default="all", choices=CHOICES, help="default: all")
+    common.add_argument("dataset", nargs="?", default="all", metavar="DATASET",
+                        help=f"{', '.join(CHOICES)} (default: all); for info also file:PATH.npz")
     common.add_argument(
         "--data-dir", type=Path, default=None,
         help="a folder holding the IDX files (raw or .gz), tried before every other source "
@@ -59,7 +65,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _file_info(args: argparse.Namespace) -> int:
+    name = user_dataset.normalise(args.dataset)
+    rows = user_dataset.describe(name)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    first = rows[0]
+    print(f"\n{user_dataset.label(name)}: your file {first['path']}")
+    print(f"  {first['bytes']:,d} B  sha256 {first['sha256']}  images {first['shape']} ({first['dtype']})")
+    for row in rows:
+        print(f"  {row['split']:6s} {row['count']:7d} images  pixel mean {row['pixel_mean']:.4f}")
+    print(f"  use it as: --set data.dataset={name}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    if user_dataset.is_file_dataset(args.dataset):
+        return _file_info(args)
     rows = [row for name in _names(args.dataset) for row in describe(name, data_dir=args.data_dir)]
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -61,13 +61,6 @@ def _model_path(run: Path) -> Path:
     raise UserError(f"{run} is not a run folder (no model.pt)")
 
 
-def _image_shape(config) -> tuple[int, int]:
-    side = math.isqrt(config.model.data_dim)
-    if side * side != config.model.data_dim:
-        raise UserError(f"the run's images have {config.model.data_dim} pixels, not a square; infer reads square images")
-    return side, side
-
-
 def cmd_infer(args) -> int:
     if min(args.iwae_k, args.elbo_samples) < 1 or args.grid < 0 or args.seed < 0:
         raise UserError("--iwae-k and --elbo-samples must be >= 1, --grid and --seed >= 0")
@@ -90,7 +83,7 @@ def cmd_infer(args) -> int:
     except Exception as exc:  # noqa: BLE001 - an unreadable model file is the user's to fix, said in one line
         raise UserError(f"{path}: not a readable model ({type(exc).__name__}: {exc})") from None
     config = fitted.config
-    shape = _image_shape(config)
+    shape = config.data.image_shape
     batch = read_images(args.images, shape, likelihood=config.model.likelihood, key=args.key, invert=args.invert,
                         binarize=args.binarize, note=lambda m: print(m, file=sys.stderr))
     x = torch.from_numpy(batch.pixels.reshape(len(batch), -1))

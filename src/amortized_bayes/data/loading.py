@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from . import user_dataset
 from .registry import SPLITS, get_dataset
 from .store import load_arrays
 
@@ -20,7 +21,7 @@ Binarize = Literal["none", "threshold", "stochastic"]
 class Split:
     """One split of a dataset, ready for training.
 
-    ``images``: float32 ``(N, 784)`` in [0, 1] (or {0, 1} when binarised); ``labels``: int64 ``(N,)``;
+    ``images``: float32 ``(N, H*W)`` (784 for the built-in datasets) in [0, 1] (or {0, 1} when binarised); ``labels``: int64 ``(N,)``;
     ``indices``: int64 ``(N,)``, each row's position in the full split, so results can be traced back.
     """
 
@@ -74,21 +75,30 @@ def load_split(
     threshold: float = 0.5,
     binarize_seed: int = 0,
     data_dir: str | Path | None = None,
+    sha256: str | None = None,
 ) -> Split:
-    """Load a verified split of ``mnist`` or ``fashion-mnist`` (fetching it if needed).
+    """Load a verified split of ``mnist`` or ``fashion-mnist`` (fetching it if needed), or of a user's
+    ``file:PATH`` dataset (refused if its SHA-256 is not ``sha256``, when given).
 
     ``n`` and ``subset``/``seed`` choose the rows (see :func:`select_indices`); ``binarize`` optionally
     binarises the pixels (see :func:`binarize_pixels`).
     """
-    spec = get_dataset(dataset)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    images, labels = load_arrays(spec.name, split, data_dir=Path(data_dir) if data_dir else None)
+    if user_dataset.is_file_dataset(dataset):
+        name = user_dataset.normalise(dataset)
+        arrays = user_dataset.read(name, sha256)
+        images, labels = arrays.images[split], arrays.labels[split]
+    else:
+        name = get_dataset(dataset).name
+        images, labels = load_arrays(name, split, data_dir=Path(data_dir) if data_dir else None)
     rows = select_indices(images.shape[0], n, subset, seed)
-    pixels = torch.from_numpy(images[rows].reshape(len(rows), -1)).to(torch.float32).div_(255.0)
+    pixels = torch.from_numpy(np.ascontiguousarray(images[rows].reshape(len(rows), -1))).to(torch.float32)
+    if images.dtype == np.uint8:
+        pixels = pixels.div_(255.0)
     pixels = binarize_pixels(pixels, binarize, threshold, binarize_seed)
     return Split(
-        dataset=spec.name,
+        dataset=name,
         split=split,
         images=pixels,
         labels=torch.from_numpy(labels[rows].astype(np.int64)),

@@ -74,7 +74,7 @@ def describe_run(config: RunConfig) -> str:
         name += f"-k{fam.width}" + (f"-L{fam.depth}" if fam.depth != 2 else "")
     if fam.name == "semi-amortized":
         name += f"-K{fam.refine_steps}"
-    parts = [c.data.dataset, name]
+    parts = [c.data.label, name]
     if c.objective.kind != "elbo":
         parts.append(c.objective.kind)
     parts.append(f"s{c.train.seed}")

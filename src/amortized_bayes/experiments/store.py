@@ -335,7 +335,7 @@ class ResultStore:
             c, summ = rec.config, read_json(rec.path / "summary.json", {}) or {}
             final = summ.get("final", {})
             rows.append({
-                "run_id": rec.run_id, "state": rec.display_state, "dataset": c.data.dataset,
+                "run_id": rec.run_id, "state": rec.display_state, "dataset": c.data.label,
                 "family": c.family.name,
                 "width": c.family.width if c.family.name in ("amortized", "semi-amortized") else "",
                 "depth": c.family.depth if c.family.name in ("amortized", "semi-amortized") else "",
