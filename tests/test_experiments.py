@@ -268,7 +268,8 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
     # ~30-300 ms), then kills at once or after up to 0.2 s; the workers stop at their next epoch boundary.
     epochs = 30
     grid = tiny_grid(epochs=epochs)
-    cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1")
+    two = ("--set", "family.width=16")  # two runs (one per worker): every process start costs ~3 s here
+    cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1", *two)
     out = tmp_path / "killed"
     rng = random.Random(0)
 
@@ -280,7 +281,7 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
     interrupted = set()
     for _ in range(2):
         driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
-                                   "--workers", "2", "--threads", "1", "--checkpoint-every", "0"],
+                                   "--workers", "2", "--threads", "1", "--checkpoint-every", "0", *two],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         interrupted.update(_wait_for(training_now))
         time.sleep(rng.uniform(0.0, 0.2))
@@ -292,7 +293,7 @@ def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_nu
         _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
         for run in interrupted:  # the kill stopped them where they were
             assert read_json(out / "runs" / run / "status.json")["state"] != "done"
-    cli("run", grid, "--out", out, "--workers", "2", "--threads", "1")
+    cli("run", grid, "--out", out, "--workers", "2", "--threads", "1", *two)
     killed, whole = ResultStore(out).records(), ResultStore(tmp_path / "whole").records()
     assert [r.run_id for r in killed] == [r.run_id for r in whole]
     assert all(r.status["attempts"] >= 2 for r in killed if r.run_id in interrupted)

@@ -21,6 +21,9 @@ import pytest
 if os.environ.get("AB_REQUIRE_RAY") != "1":
     pytest.importorskip("ray")
 
+# One pytest-xdist worker runs all of these, so that they share one cluster (see `cluster`).
+pytestmark = pytest.mark.xdist_group("ray")
+
 GRID = """name = "raytiny"
 [base.data]
 n_train = 120
@@ -269,7 +272,7 @@ def test_a_killed_driver_resumes_from_the_checkpoints_its_tasks_streamed_back(cl
     """Checkpoints reach the driver's store while a task runs; after the driver is SIGKILLed, a new
     driver resumes the run from there and ends with the numbers of an uninterrupted local run."""
     grid = tmp_path / "grid.toml"
-    grid.write_text(GRID.format(epochs=400))
+    grid.write_text(GRID.format(epochs=150))
     args = ["run", str(grid), "--set", "family.name=factorized", "--checkpoint-every", "0.5"]
     out = tmp_path / "ray"
     driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", *args, "--out", str(out), "--executor", "ray",
