@@ -138,3 +138,17 @@ def test_a_single_seed_verdict_says_it_has_no_interval():
     fast = [(0, 0.0, 0.2), (10, 2.0, 0.04)]
     verdict = _speed_verdict(_results([reach], [fast]))
     assert verdict["verdict"] == "supported on one seed (no interval)"
+
+
+def test_one_seed_each_prints_no_interval_instead_of_a_point_as_one():
+    from amortized_bayes.analysis import Crossing, describe_ratio, speedup
+
+    one = speedup([Crossing(2824, 2617.0, True)], [Crossing(1790, 2302.0, True)], "epochs")
+    assert one.seeds == (1, 1) and not one.has_interval
+    assert one.describe() == "1.58x (one seed each, no interval)"
+    censored = speedup([Crossing(5000, 4000.0, False)], [Crossing(1790, 2302.0, True)], "epochs")
+    assert censored.describe() == "at least 2.79x (one seed each, no interval)"
+    two = speedup([Crossing(2800, 1.0, True), Crossing(2900, 1.0, True)], [Crossing(1800, 1.0, True)] * 2, "epochs")
+    assert two.has_interval and "95% CI" in two.describe()
+    assert describe_ratio(0.9991, (0.9991, 0.9991), 1) == "0.999 (one seed each, no interval)"
+    assert describe_ratio(0.9991, (0.98, 1.01), 3) == "0.999 (95% CI 0.980-1.010)"

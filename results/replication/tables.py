@@ -16,15 +16,11 @@ import math
 
 import numpy as np
 
-from amortized_bayes.analysis import (censored_median, dataset_table, first_crossing, gap_table, load_results,
+from amortized_bayes.analysis import (censored_median, dataset_table, describe_ratio, first_crossing, gap_table, load_results,
                                       method_order, speedup)
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
-
-
-def _ci(lo_hi) -> str:
-    return f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}"
 
 
 def final_table(results) -> list[str]:
@@ -36,8 +32,8 @@ def final_table(results) -> list[str]:
         table = dataset_table(results, dataset)
         for label, row in table["rows"].items():
             cmp = table["comparisons"].get(label)
-            ratios = (f"{cmp['elbo_ratio']:.3f} ({_ci(cmp['elbo_ratio_ci'])}) | "
-                      f"{cmp['mse_ratio']:.3f} ({_ci(cmp['mse_ratio_ci'])})") if cmp else " | "
+            ratios = (f"{describe_ratio(cmp['elbo_ratio'], cmp['elbo_ratio_ci'], cmp['seeds'])} | "
+                      f"{describe_ratio(cmp['mse_ratio'], cmp['mse_ratio_ci'], cmp['seeds'])}") if cmp else " | "
             lines.append(f"| {NAMES[dataset]} | {label} | {row['neg_elbo_per_image']:.2f} | {row['train_mse']:.4f} | "
                          f"{row['test_mse']:.4f} | {1e3 * row['seconds_per_step']:.1f} | {ratios} |")
     return lines

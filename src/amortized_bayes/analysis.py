@@ -217,17 +217,31 @@ class SpeedUp:
         """False when both medians are censored, so that nothing bounds the ratio."""
         return self.low > 0 or math.isfinite(self.high)
 
+    @property
+    def has_interval(self) -> bool:
+        """False with one seed on each side: the bootstrap can only return the point itself."""
+        return max(self.seeds) > 1
+
     def describe(self) -> str:
         lo, hi = self.ci
         if not self.known:
             return "unknown (neither median reached it)"
+        one = " (one seed each, no interval)"
         if self.exact:
-            return f"{self.low:.2f}x (95% CI {lo:.2f}-{hi:.2f})"
+            return f"{self.low:.2f}x" + (f" (95% CI {lo:.2f}-{hi:.2f})" if self.has_interval else one)
         if math.isinf(self.high):
-            return f"at least {self.low:.2f}x (95% CI from {lo:.2f})"
+            return f"at least {self.low:.2f}x" + (f" (95% CI from {lo:.2f})" if self.has_interval else one)
         if self.low == 0:
-            return f"at most {self.high:.2f}x (95% CI to {hi:.2f})"
-        return f"{self.low:.2f}x to {self.high:.2f}x (95% CI {lo:.2f}-{hi:.2f})"
+            return f"at most {self.high:.2f}x" + (f" (95% CI to {hi:.2f})" if self.has_interval else one)
+        return f"{self.low:.2f}x to {self.high:.2f}x" + (f" (95% CI {lo:.2f}-{hi:.2f})" if self.has_interval else one)
+
+
+def describe_ratio(value: float, ci: tuple[float, float], seeds: int, digits: int = 3) -> str:
+    """A ratio of medians with its bootstrap interval, or, when ``seeds`` (the larger group's count) is 1,
+    the ratio alone and that it has no interval (a one-seed bootstrap returns the point as its interval)."""
+    if seeds < 2:
+        return f"{value:.{digits}f} (one seed each, no interval)"
+    return f"{value:.{digits}f} (95% CI {ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
 
 
 def speedup(fvi: list[Crossing], avi: list[Crossing], unit: str = "seconds", level: float = 0.95,
@@ -327,6 +341,7 @@ def dataset_table(results: Results, dataset: str) -> dict:
             "mse_ratio": row["train_mse"] / fvi["train_mse"],
             "mse_ratio_ci": bootstrap_ratio_ci([s["train_mse"] for s in a], [s["train_mse"] for s in f]),
             "step_time_ratio": row["seconds_per_step"] / fvi["seconds_per_step"],
+            "seeds": max(len(a), len(f)),
         }
         fc = [s["crossing"] for s in f if s["crossing"] is not None]
         ac = [s["crossing"] for s in a if s["crossing"] is not None]
@@ -394,8 +409,8 @@ def verdicts(rows: dict, comparisons: dict, metric: str, tol) -> list[dict]:
         elbo_ok = c["elbo_ratio_ci"][0] <= 1 + ELBO_MARGIN
         mse_ok = c["mse_ratio"] <= 1 + MSE_MARGIN
         ok.append(elbo_ok and mse_ok)
-        parts.append(f"{label}: -ELBO {c['elbo_ratio']:.3f}x F-VI's (95% CI {c['elbo_ratio_ci'][0]:.3f}-"
-                     f"{c['elbo_ratio_ci'][1]:.3f}), train MSE {c['mse_ratio']:.2f}x")
+        parts.append(f"{label}: -ELBO {describe_ratio(c['elbo_ratio'], c['elbo_ratio_ci'], c['seeds'])} times "
+                     f"F-VI's, train MSE {c['mse_ratio']:.2f}x")
     verdict = "supported" if all(ok) else ("partly supported" if any(ok) else "not supported")
     if min(rows[label]["seeds"] for label in rows if label in wide or label.startswith("F-VI")) < 2:
         verdict += " on one seed (no interval)"

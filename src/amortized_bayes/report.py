@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .analysis import dataset_table, gap_table, load_results, with_tolerance
+from .analysis import dataset_table, describe_ratio, gap_table, load_results, with_tolerance
 from .data.atomic import atomic_write_text
 from .plotting import caption, elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
 
@@ -29,8 +29,7 @@ def _fmt(value, digits=4) -> str:
 def _ratio_cell(comparison: dict, key: str) -> str:
     if key not in comparison:
         return ""
-    lo, hi = comparison[key + "_ci"]
-    return f"{comparison[key]:.3f} ({lo:.3f}-{hi:.3f})"
+    return describe_ratio(comparison[key], comparison[key + "_ci"], comparison.get("seeds", 2))
 
 
 def _speedup_cell(comparison: dict, key: str) -> str:
