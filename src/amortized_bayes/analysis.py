@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import RunConfig
 from .experiments.store import ResultStore, read_evals, read_json, read_mse_trace, read_steps
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -59,7 +60,7 @@ def method_order(label: str) -> tuple:
 class RunData:
     run_id: str
     path: Path
-    config: object
+    config: RunConfig
     seed: int
     steps: dict
     evals: list[dict]
@@ -299,8 +300,8 @@ def method_summary(runs: list[RunData], metric: str, tol: float | None) -> dict:
             "test_mse": final.get("test_mse", math.nan),
             "seconds_per_step": r.summary.get("seconds_per_step") or math.nan,
             "crossing": crossing,
-            "epochs_to_tol": crossing.epochs if reached else None,
-            "seconds_to_tol": crossing.seconds if reached else None,
+            "epochs_to_tol": crossing.epochs if crossing is not None and reached else None,
+            "seconds_to_tol": crossing.seconds if crossing is not None and reached else None,
             "test_inference_seconds": final.get("test_inference_seconds", math.nan),
         })
     out = {"seeds": len(runs), "per_seed": per_seed}
@@ -364,12 +365,12 @@ def gap_table(results: Results, dataset: str) -> dict:
         measured = [r.gap for r in runs if r.gap]
         if not measured:
             continue
-        row = {"seeds": len(measured), "theta": measured[0].get("theta"), "splits": {}}
+        row: dict = {"seeds": len(measured), "theta": measured[0].get("theta"), "splits": {}}
         for split in ("train", "test"):
             per_run = [g["splits"][split] for g in measured if split in g.get("splits", {})]
             if not per_run:
                 continue
-            cell = {"images": per_run[0]["images"]}
+            cell: dict = {"images": per_run[0]["images"]}
             for key in GAP_KEYS:
                 values = [s[key]["mean"] for s in per_run if key in s]
                 if values:
@@ -380,7 +381,8 @@ def gap_table(results: Results, dataset: str) -> dict:
                 cell[key] = ({"steps": float(np.median([h["steps"] for h in hits])),
                               "seconds": float(np.median([h["seconds"] for h in hits]))}
                              if all(h is not None for h in hits) else None)
-            cell["q_star_seconds_from_prior"] = float(np.median([s["q_star_cost_from_prior"]["seconds"] for s in per_run]))
+            cell["q_star_seconds_from_prior"] = float(
+                np.median([s["q_star_cost_from_prior"]["seconds"] for s in per_run]))
             row["splits"][split] = cell
         table[label] = row
     return table

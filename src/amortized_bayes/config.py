@@ -69,7 +69,7 @@ def _check_type(value: Any, hint: Any, name: str) -> None:
         _check(math.isfinite(value), name, f"must be finite, got {value!r}")
     elif hint is str:
         _check(isinstance(value, str), name, f"must be a string, got {value!r}")
-    elif is_dataclass(hint):
+    elif isinstance(hint, type) and is_dataclass(hint):
         _check(isinstance(value, hint), name, f"must be a table of {hint.__name__} fields, got {value!r}")
 
 
@@ -172,7 +172,9 @@ class DataConfig:
     @property
     def image_shape(self) -> tuple[int, int]:
         """(H, W) of one image: the file's, or 28 x 28 for MNIST and Fashion-MNIST."""
-        return (self.image_height, self.image_width) if self.is_file else (28, 28)
+        if self.image_height is None or self.image_width is None:
+            return (28, 28)
+        return (self.image_height, self.image_width)
 
 
 @dataclass(frozen=True)
@@ -362,7 +364,7 @@ class RunConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunConfig":
+    def from_dict(cls, raw: dict) -> RunConfig:
         """Inverse of :meth:`to_dict`; unknown keys are refused with their name."""
         return _build(cls, raw, "")
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from typing import ClassVar
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +21,10 @@ from .config import FamilyConfig
 # (x (B, D), mu (B, d), log_sigma (B, d)) -> per-datapoint local ELBO (B,) with theta held fixed.
 LocalELBO = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-FAMILIES: dict[str, type["VariationalFamily"]] = {}
+FAMILIES: dict[str, type[VariationalFamily]] = {}
 
 
-def register_family(cls: type["VariationalFamily"]) -> type["VariationalFamily"]:
+def register_family(cls: type[VariationalFamily]) -> type[VariationalFamily]:
     """Class decorator: make ``cls`` available under ``cls.name`` in configs."""
     FAMILIES[cls.name] = cls
     return cls
@@ -43,7 +44,7 @@ class VariationalFamily(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_config(cls, config: FamilyConfig, *, num_data: int, data_dim: int, latent_dim: int,
-                    sparse: bool = False) -> "VariationalFamily":
+                    sparse: bool = False) -> VariationalFamily:
         """Build from a config. ``sparse``: per-datapoint parameters get sparse gradients (lazy updates)."""
 
     @abstractmethod
@@ -60,7 +61,7 @@ class VariationalFamily(nn.Module, ABC):
         sparse = {id(p) for p in self.sparse_parameters()}
         return [p for p in self.parameters() if id(p) not in sparse]
 
-    def for_new_data(self, num_data: int) -> "VariationalFamily":
+    def for_new_data(self, num_data: int) -> VariationalFamily:
         """A family for ``num_data`` new images (amortized families map them as they are)."""
         if self.amortized:
             return self

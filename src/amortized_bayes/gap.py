@@ -67,7 +67,7 @@ def optimise_local(model: BayesianDecoder, x: torch.Tensor, mu0: torch.Tensor, l
     log_sigma = log_sigma0.detach().clone().requires_grad_(True)
     theta = ThetaDraw([v.detach() for v in theta.values], None)
     optimiser = torch.optim.Adam([mu, log_sigma], lr=config.lr)
-    record_at = set(record_at)
+    record_steps = set(record_at)
     curve: list[dict] = []
     seconds = 0.0
 
@@ -76,7 +76,7 @@ def optimise_local(model: BayesianDecoder, x: torch.Tensor, mu0: torch.Tensor, l
             elbo = elbo_per_image(model, x, mu, log_sigma, theta, record_samples, generator)
         curve.append({"steps": steps, "seconds": seconds, "elbo_mean": float(elbo.mean())})
 
-    if 0 in record_at:
+    if 0 in record_steps:
         record(0)
     previous, window, steps, converged, plateaus = None, [], 0, False, 0
     while steps < config.max_steps:
@@ -98,7 +98,7 @@ def optimise_local(model: BayesianDecoder, x: torch.Tensor, mu0: torch.Tensor, l
                     group["lr"] *= config.decay
             previous, window = current, []
         seconds += time.perf_counter() - start
-        if steps in record_at:
+        if steps in record_steps:
             record(steps)
         if stop:
             break
@@ -186,7 +186,8 @@ def ais_log_evidence(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, 
     def log_joint_and_grad(z):
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            lj = log_likelihood(model, x, model.decode(z, theta), legacy=False) + dens.standard_normal_log_prob(z).sum(-1)
+            lj = (log_likelihood(model, x, model.decode(z, theta), legacy=False)
+                  + dens.standard_normal_log_prob(z).sum(-1))
             (grad,) = torch.autograd.grad(lj.sum(), z)
         return lj.detach(), grad
 
@@ -311,7 +312,7 @@ def _gap_at_theta(model, x, mu_f, ls_f, theta, config: GapConfig, g) -> dict:
         best_is_family = from_family >= from_prior
         mu_s = torch.where(best_is_family[:, None], q_fam.mu, q_pri.mu)
         ls_s = torch.where(best_is_family[:, None], q_fam.log_sigma, q_pri.log_sigma)
-        out = {"elbo_family": elbo_family, "elbo_q_star": torch.maximum(from_family, from_prior),
+        out: dict = {"elbo_family": elbo_family, "elbo_q_star": torch.maximum(from_family, from_prior),
                "q_star_from_family_vs_prior_nats": from_family - from_prior,
                "log_px_iwae": iwae_log_evidence(model, x, mu_s, ls_s, theta, config.iwae_samples, g)}
     if config.ais is not None:
@@ -423,7 +424,7 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
         refinement = _mean_curve([r["q_fam"].curve for r in per_theta])
         scratch = _mean_curve([r["q_pri"].curve for r in per_theta])
         family_mean, star_mean = float(elbo_family.mean()), float(elbo_star.mean())
-        s = {
+        s: dict = {
             "images": m,
             "amortization_gap": _stats(amortization),
             "approximation_gap": _stats(approximation),
@@ -446,7 +447,7 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
             # Images whose family q(z) had a log sigma outside LOG_SIGMA_RANGE (clamped to it).
             "log_sigma_clamped_images": clamped,
         }
-        if config.ais is not None:
+        if gaps.log_px_ais is not None:
             log_px_ais = gaps.log_px_ais
             s.update(log_px_ais=_stats(log_px_ais), approximation_gap_ais=_stats(log_px_ais - elbo_star),
                      ais_minus_iwae=_stats(log_px_ais - log_px), ais_ess=_stats(avg("ais_ess")),

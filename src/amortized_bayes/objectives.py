@@ -141,7 +141,8 @@ def sample_theta_with_terms(model: BayesianDecoder, num_samples: int, generator:
     return model.draw(flat, eps), log_prior, entropy
 
 
-def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str,
+                legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(E log p(theta), E[-log q(theta)]) estimated from ``theta`` (mc) or in closed form (analytic)."""
     scale = model.config.prior_scale
     loc, log_scale = model.theta_loc, model.theta_log_scale
@@ -151,7 +152,11 @@ def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str, legacy
         return neg_kl - entropy, entropy
     S = theta.num_samples
     values = theta.flat if theta.flat is not None else torch.cat([v.reshape(S, -1) for v in theta.values], 1)
-    eps = theta.eps_flat if theta.eps_flat is not None else torch.cat([e.reshape(S, -1) for e in theta.eps], 1)
+    if theta.eps_flat is not None:
+        eps = theta.eps_flat
+    else:
+        assert theta.eps is not None, "theta_terms needs the noise of a reparameterised draw"
+        eps = torch.cat([e.reshape(S, -1) for e in theta.eps], 1)
     if legacy:
         prior = dens.legacy_log_prior_theta(values).sum() / S
         log_q = dens.legacy_log_q(eps, log_scale).sum() / S

@@ -19,7 +19,7 @@ from .analysis import Results, encoder_width, method_order  # noqa: E402
 from .data.user_dataset import test_split_size  # noqa: E402
 
 FEW_SEEDS = 5
-PALETTE = plt.get_cmap("tab10").colors
+PALETTE = [plt.get_cmap("tab10")(i) for i in range(10)]
 
 
 def colours(results: Results) -> dict[str, tuple]:
@@ -167,7 +167,8 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     # A file dataset may hold fewer images than a row shows: both rows then show as many as both splits have.
     count = min(count, first.n_train or count, test_split_size(first))
     train = load_split(first.dataset, "train", n=first.n_train, subset=first.subset, seed=first.subset_seed,
-                       binarize=first.binarize, binarize_seed=first.binarize_seed, sha256=first.file_sha256).images[:count]
+                       binarize=first.binarize, binarize_seed=first.binarize_seed,
+                       sha256=first.file_sha256).images[:count]
     test = load_split(first.dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1,
                       sha256=first.file_sha256).images
     height, width = first.image_shape
@@ -204,7 +205,7 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
     col = colours(results)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     widths = {m: encoder_width(m) for m in gaps}
-    amortized = sorted((m for m in gaps if m.startswith("A-VI")), key=widths.get)
+    amortized = sorted((m for m in gaps if m.startswith("A-VI")), key=lambda m: widths[m])
     for split, style in (("train", "o--"), ("test", "s-")):
         xs, ys, lo, hi = [], [], [], []
         for m in amortized:
@@ -237,7 +238,7 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
     scratch_drawn = False
     for m, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
         run = next((r for r in runs if r.gap), None)
-        if run is None:
+        if run is None or run.gap is None:
             continue
         splits = run.gap["splits"]
         s = splits.get("test") or splits.get("train")

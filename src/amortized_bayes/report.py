@@ -205,7 +205,8 @@ def _html(results, sections) -> str:
             body.append(f'<figure><img alt="{esc(caption(fig))}" src="data:image/png;base64,{data}">'
                         f"<figcaption>{esc(caption(fig))}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "table{border-collapse:collapse;font-size:13px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
              "td:first-child,th:first-child{text-align:left}img{max-width:100%}figure{margin:1.5em 0}")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>amortized-bayes report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

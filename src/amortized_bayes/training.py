@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -44,7 +44,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or a gradient became NaN or Inf. ``step`` names the step; ``result`` holds the run as it
     was after the last good step (its parameters were not updated with the bad gradient)."""
 
-    def __init__(self, message: str, step: int, result: "FitResult"):
+    def __init__(self, message: str, step: int, result: FitResult):
         super().__init__(message)
         self.step, self.result = step, result
 
@@ -67,7 +67,7 @@ class History:
                 "wall_time": self.wall_time, "evals": self.evals, "mse_trace": self.mse_trace}
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "History":
+    def from_dict(cls, raw: dict) -> History:
         return cls(**raw)
 
 
@@ -276,7 +276,7 @@ def _training_state(result, optimisers, generator, batch_generator, train_second
 def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianDecoder | None = None,
         family: VariationalFamily | None = None,
         on_eval: Callable[[dict], None] | None = None,
-        on_epoch: Callable[["FitResult"], None] | None = None,
+        on_epoch: Callable[[FitResult], None] | None = None,
         checkpoint: Checkpointing | None = None) -> FitResult:
     """Train ``config`` and return its :class:`FitResult`.
 

@@ -4,6 +4,7 @@ gap of new images under a finished run."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import math
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     infer.add_argument("--gap", action="store_true",
                        help="also the amortization and approximation gaps per image (q* by local optimisation, "
                             "log p(x) by IWAE; seconds per image)")
-    infer.add_argument("--iwae-k", type=int, default=1000, help="IWAE samples for log p(x | theta) with --gap (default 1000)")
+    infer.add_argument("--iwae-k", type=int, default=1000,
+                       help="IWAE samples for log p(x | theta) with --gap (default 1000)")
     infer.add_argument("--elbo-samples", type=int, default=256, help="draws of z per ELBO estimate (default 256)")
     infer.add_argument("--grid", type=int, default=32, help="images in the PNG grid (default 32; 0: no PNG)")
     infer.add_argument("--seed", type=int, default=0, help="seed of every draw (default 0)")
@@ -98,6 +100,7 @@ def cmd_infer(args) -> int:
                    disable=None, file=sys.stderr)
 
     def on_step(steps: int, loss: float) -> None:
+        assert bar is not None
         bar.update(1)
         if steps % 50 == 0:
             bar.set_postfix_str(f"-ELBO/image {loss / len(batch):.2f}")
@@ -120,7 +123,7 @@ def cmd_infer(args) -> int:
     elbo = result.elbo.double()
     print(f"ELBO per image (nats, theta at its posterior mean): mean {float(elbo.mean()):.2f}, "
           f"min {float(elbo.min()):.2f}, max {float(elbo.max()):.2f}")
-    arrays = {
+    arrays: dict[str, Any] = {
         "images": batch.pixels,
         "names": np.array(batch.names),
         "mu": result.mu.numpy(),

@@ -102,7 +102,6 @@ def cmd_run(args) -> int:
         for path in removed:
             path.unlink()
         print(f"note: removed {len(removed)} lock file(s) under {out}", file=sys.stderr)
-    records = [store.plan(c) for c in configs] if not args.dry_run else None
     if args.dry_run:
         from ..experiments.grid import run_id
 
@@ -113,6 +112,7 @@ def cmd_run(args) -> int:
             state = existing[rid].display_state if rid in existing else "new"
             print(f"  {state:11s} {rid}  ({c.data.n_train} images, {c.train.epochs} epochs)")
         return 0
+    records = [store.plan(c) for c in configs]
     if args.executor == "ray":
         if args.tensorboard:
             print("error: --tensorboard is not supported with --executor ray (runs log on their own nodes)",

@@ -21,7 +21,8 @@ Binarize = Literal["none", "threshold", "stochastic"]
 class Split:
     """One split of a dataset, ready for training.
 
-    ``images``: float32 ``(N, H*W)`` (784 for the built-in datasets) in [0, 1] (or {0, 1} when binarised); ``labels``: int64 ``(N,)``;
+    ``images``: float32 ``(N, H*W)`` (784 for the built-in datasets) in [0, 1] (or {0, 1} when
+    binarised); ``labels``: int64 ``(N,)``;
     ``indices``: int64 ``(N,)``, each row's position in the full split, so results can be traced back.
     """
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -187,11 +187,12 @@ def resolve(
                 tried.append(f"{source.label}: none of the files")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    missing = [f.name for f in wanted if f.name not in found]
-    if missing:
+    missing_names = [f.name for f in wanted if f.name not in found]
+    if missing_names:
         lines = "\n".join(f"  - {t}" for t in tried) or "  (no sources)"
         raise DataNotFoundError(
-            f"{spec.name}: could not obtain {', '.join(missing)}.\nTried, in order:\n{lines}\n{_how_to_supply(spec)}"
+            f"{spec.name}: could not obtain {', '.join(missing_names)}.\nTried, in order:\n{lines}\n"
+            f"{_how_to_supply(spec)}"
         )
     return found
 

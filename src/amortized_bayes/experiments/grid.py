@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,8 @@ def describe_run(config: RunConfig) -> str:
     """A short human label: dataset, family (and width/depth), objective if not the default, seed."""
     c = canonical(config)
     fam = c.family
-    name = {"amortized": "avi", "semi-amortized": "savi", "factorized": "fvi", "constant": "const"}.get(fam.name, fam.name)
+    short = {"amortized": "avi", "semi-amortized": "savi", "factorized": "fvi", "constant": "const"}
+    name = short.get(fam.name, fam.name)
     if fam.name in ("amortized", "semi-amortized"):
         name += f"-k{fam.width}" + (f"-L{fam.depth}" if fam.depth != 2 else "")
     if fam.name == "semi-amortized":
@@ -136,7 +138,7 @@ class Grid:
         if not isinstance(self.tolerance, dict):
             raise ConfigError(f"grid {self.name}: tolerance must be a table, got {self.tolerance!r}")
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Grid":
+    def with_overrides(self, overrides: dict[str, Any]) -> Grid:
         """A copy with ``overrides`` (dotted field -> value, or list of values for an axis) applied.
         An override replaces the field everywhere: in the base, as an axis, and in the variants."""
         grid = copy.deepcopy(self)
@@ -229,9 +231,9 @@ def load_grid_file(path: str | Path) -> Grid:
                           ) from None
     try:
         if suffix == ".toml":
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ModuleNotFoundError:  # Python 3.10
+            else:  # Python 3.10
                 import tomli as tomllib
             raw = tomllib.loads(text)
         elif suffix == ".json":

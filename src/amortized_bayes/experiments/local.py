@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from .store import ResultStore, RunRecord, now, read_json
 from .worker import BUSY_EXIT

@@ -32,14 +32,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from ..data.atomic import atomic_write_bytes
 from .local import Outcome
 from .store import ResultStore, RunRecord, acquire_run_lock, now, read_json
 
 # What a task sends back: everything a local worker leaves in a run's folder.
-RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "mse_trace.jsonl", "summary.json", "model.pt", "state.pt", "log.txt")
+RUN_FILES = ("status.json", "steps.csv", "evals.jsonl", "mse_trace.jsonl", "summary.json", "model.pt", "state.pt",
+             "log.txt")
 
 
 class RayUnavailable(RuntimeError):
@@ -225,7 +226,9 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
             shipped[key] = ray.put(load_training_data(record.config))
         return shipped[key]
 
-    pending, started, attempts = {}, {}, {}
+    pending: dict = {}
+    started: dict[str, float] = {}
+    attempts: dict[str, int] = {}
     # The driver holds each run's lock while its task is in flight, as a local worker does, so that a
     # concurrent `run` on the same folder leaves the run alone.
     locks = {}

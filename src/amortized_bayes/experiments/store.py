@@ -297,7 +297,7 @@ class ResultStore:
     def records(self) -> list[RunRecord]:
         """Every run folder with a valid config.json, read only (a folder without one is noted and
         skipped, and the others are unaffected)."""
-        out = []
+        out: list[RunRecord] = []
         if not self.runs_dir.is_dir():
             return out
         for path in sorted(p for p in self.runs_dir.iterdir() if p.is_dir()):

@@ -141,7 +141,8 @@ def _tensorboard(root, name):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as exc:
-        raise RuntimeError("TensorBoard logging needs the 'tensorboard' extra: pip install 'amortized-bayes[tensorboard]'") from exc
+        raise RuntimeError("TensorBoard logging needs the 'tensorboard' extra: "
+                           "pip install 'amortized-bayes[tensorboard]'") from exc
     return SummaryWriter(log_dir=str(Path(root) / name))
 
 
