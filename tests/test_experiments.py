@@ -122,6 +122,22 @@ def test_every_preset_expands_to_valid_runs():
     assert {r.objective.kind for r in replicate} == {"legacy-2024"} and len(replicate) == 2 * 6 * 10
 
 
+def test_when_and_why_is_the_issue_17_grid_and_one_dataset_seed_keeps_its_ids():
+    grid = PRESETS["when-and-why"]
+    runs = grid.expand()
+    # Fashion-MNIST: A-VI k = 1, 64, 256, F-VI, constant-VI, SA-VI; MNIST the same without SA-VI; 2 seeds.
+    assert len(runs) == (6 + 5) * 2
+    assert {r.data.dataset for r in runs if r.family.name == "semi-amortized"} == {"fashion-mnist"}
+    assert {(r.objective.kind, r.objective.local_terms, r.train.batches, r.train.batch_size, r.train.epochs,
+             r.data.n_train, r.data.n_test) for r in runs} == {("elbo", "batch", "shuffled", 1000, 5000, 10_000, 10_000)}
+    # The first batch to run (Fashion-MNIST, seed 0) selected with --set keeps the full grid's run ids.
+    first = grid.with_overrides({"data.dataset": "fashion-mnist", "train.seed": 0})
+    ids = {run_id(r) for r in first.expand()}
+    assert len(ids) == 6 and ids <= {run_id(r) for r in runs}
+    small = PRESETS["when-and-why-small"].expand()
+    assert small and max(r.train.epochs for r in small) < 5000
+
+
 def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_path):
     out = tmp_path / "out"
     proc = cli("run", tiny_grid(), "--out", out, "--workers", "1")

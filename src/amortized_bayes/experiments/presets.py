@@ -104,6 +104,30 @@ REPLICATE = _paper(["fashion-mnist", "mnist"], kind="legacy-2024", savi=False, e
                    "drawn at random, a seeded random 10,000 training images), for number-for-number "
                    "replication.")
 
+def _when_and_why(regime: dict[str, dict], description: str) -> Grid:
+    """The tool's own question (issue 17): the correct ELBO with the standard unbiased minibatch
+    estimator (reshuffled batches of 1,000, each image's local terms in its batch, so an F-VI factor
+    moves once per epoch), N = 10,000, both datasets, A-VI k = 1, 64, 256, F-VI, constant-VI, and SA-VI
+    (k = 64) on Fashion-MNIST only, Adam 1e-3, 5,000 epochs, 2 seeds, all 10,000 test images, in the
+    likelihood regime ``regime`` (model and data fields) chosen by results/findings/regime*.toml.
+    Datasets are variants rather than an axis, so that SA-VI can be on one of them only; ``--set
+    data.dataset=fashion-mnist --set train.seed=0`` selects one dataset's seed with the same run ids."""
+    base = {
+        "data": {"n_train": 10_000, "n_test": 10_000, **regime.get("data", {})},
+        "model": {"latent_dim": 64, "hidden": 256, "depth": 2, **regime.get("model", {})},
+        "family": {"depth": 2},
+        "objective": {"kind": "elbo", "estimator": "mc", "local_terms": "batch", "num_samples": 1},
+        "train": {"epochs": 5000, "batch_size": 1000, "batches": "shuffled", "lr": 1e-3, "eval_every": 250,
+                  "mse_every": 10},
+    }
+    variants = []
+    for dataset in ("fashion-mnist", "mnist"):
+        for family in _families([1, 64, 256], [SAVI_64] if dataset == "fashion-mnist" else None):
+            variants.append({**family, "data": {"dataset": dataset}})
+    return Grid(name="when-and-why", description=description, base=base, axes={"train.seed": [0, 1]},
+                variants=variants, tolerance={"metric": "train_mse"})
+
+
 PRESETS: dict[str, Grid] = {g.name: g for g in [
     QUICK, PAPER, PAPER_MNIST, PAPER_FASHION, REPLICATE,
     _small(PAPER, "paper-small", epochs=100, seeds=2, eval_every=10),
