@@ -273,46 +273,61 @@ def test_dry_run_lists_without_running(tiny_grid, tmp_path):
     assert proc.stdout.count(" new ") == 3 and not (tmp_path / "out").exists()
 
 
-def test_driver_killed_at_random_moments_then_resumed_gives_the_uninterrupted_numbers(tiny_grid, tmp_path):
-    """SIGKILL the whole driver (not a worker) twice at random moments; its orphaned workers stop by
-    themselves, no run is started twice, and the final numbers equal an uninterrupted grid's."""
+def test_a_worker_then_the_driver_killed_at_random_moments_loses_nothing(tiny_grid, tmp_path):
+    """SIGKILL a worker mid-run (its driver goes on and finishes the other run), then SIGKILL a second
+    driver mid-resume (its orphaned workers stop by themselves); a last `run` ends with the numbers of an
+    uninterrupted grid, the run that finished in between untouched and no half-written file left."""
     import random
 
     # Each kill is aimed at a run in progress, not at a timer: CI's idle cores finished all three 30-epoch
     # runs inside a 1.27 s sleep once, so no kill interrupted anything and the test proved nothing. The
-    # poll (every 20 ms) waits for a run this driver is training with epochs left (an epoch here takes
-    # ~30-300 ms), then kills at once or after up to 0.2 s; the workers stop at their next epoch boundary.
+    # poll (every 20 ms) waits for a run that is training with epochs left (an epoch here takes ~30-300
+    # ms), then kills at once or after up to 0.2 s.
     epochs = 30
     grid = tiny_grid(epochs=epochs)
     two = ("--set", "family.width=16")  # two runs (one per worker): every process start costs ~3 s here
     cli("run", grid, "--out", tmp_path / "whole", "--workers", "2", "--threads", "1", *two)
     out = tmp_path / "killed"
     rng = random.Random(0)
+    command = [sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out), "--workers", "2",
+               "--threads", "1", "--checkpoint-every", "0", *two]
 
-    def training_now() -> list[str]:
-        return [p.parent.name for p in out.glob("runs/*/status.json")
+    def training_now(first: int = 1) -> list[tuple[str, dict]]:
+        return [(p.parent.name, s) for p in out.glob("runs/*/status.json")
                 if (s := read_json(p, {}) or {}).get("state") == "running"
-                and 0 < (s.get("epochs_done") or 0) < epochs // 2]
+                and first <= (s.get("epochs_done") or 0) < epochs - 5]
 
-    interrupted = set()
-    for _ in range(2):
-        driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(out),
-                                   "--workers", "2", "--threads", "1", "--checkpoint-every", "0", *two],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        interrupted.update(_wait_for(training_now))
-        time.sleep(rng.uniform(0.0, 0.2))
-        driver.kill()
-        driver.wait(30)
-        # Orphaned workers notice at their next epoch boundary and stop. Wait for the processes
-        # themselves (the driver's session): a worker it had just started may not have registered yet.
-        _wait_for(lambda: not _session_alive(driver.pid), timeout=60)
-        _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
-        for run in interrupted:  # the kill stopped them where they were
-            assert read_json(out / "runs" / run / "status.json")["state"] != "done"
+    # 1. A worker killed; its driver records the run as failed and finishes the other one.
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    victim, status = _wait_for(training_now)[0]
+    time.sleep(rng.uniform(0.0, 0.2))
+    os.kill(status["pid"], signal.SIGKILL)
+    output, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 1 and "killed by signal 9" in output, output
+    assert read_json(out / "runs" / victim / "status.json")["state"] == "failed"
+    finished = {p: (p.read_bytes(), p.stat().st_mtime_ns) for r in ResultStore(out).records()
+                if r.state == "done" for p in r.path.rglob("*") if p.is_file()}
+    assert finished and not any(victim in str(p) for p in finished)
+
+    # 2. The driver of the resume killed while the victim trains on from its checkpoint.
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    resumed_from = (read_json(out / "runs" / victim / "status.json") or {}).get("epochs_done") or 0
+    _wait_for(lambda: [name for name, _ in training_now(resumed_from + 1) if name == victim])
+    time.sleep(rng.uniform(0.0, 0.2))
+    driver.kill()
+    driver.wait(30)
+    # Orphaned workers notice at their next epoch boundary and stop. Wait for the processes themselves
+    # (the driver's session): a worker it had just started may not have registered yet.
+    _wait_for(lambda: not _session_alive(driver.pid), timeout=60)
+    _wait_for(lambda: not any(r.alive for r in ResultStore(out).records()), timeout=60)
+    assert read_json(out / "runs" / victim / "status.json")["state"] != "done"
+
+    # 3. A last run: the victim resumes again; the finished run is not touched.
     cli("run", grid, "--out", out, "--workers", "2", "--threads", "1", *two)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in finished} == finished
     killed, whole = ResultStore(out).records(), ResultStore(tmp_path / "whole").records()
     assert [r.run_id for r in killed] == [r.run_id for r in whole]
-    assert all(r.status["attempts"] >= 2 for r in killed if r.run_id in interrupted)
+    assert {r.run_id: r.status["attempts"] for r in killed}[victim] == 3
     for a, b in zip(killed, whole):
         assert a.state == "done"
         assert read_steps(a.path)["neg_elbo"] == read_steps(b.path)["neg_elbo"]

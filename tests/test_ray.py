@@ -4,6 +4,8 @@ run, skip/resume as locally, and a node SIGKILLed mid-grid loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -302,3 +304,69 @@ def test_a_killed_driver_resumes_from_the_checkpoints_its_tasks_streamed_back(cl
     local = tmp_path / "local"
     assert _cli(*args, "--out", local, "--threads", "1", env=cluster.driver_env).returncode == 0
     assert _numbers(run) == _numbers(local / "runs" / run.name)
+
+
+def _listening_addresses(pids: set[int]) -> dict[int, list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """The local addresses of the TCP sockets on which each of ``pids`` listens, read from /proc."""
+    inode_owner = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    link = os.readlink(fd)
+                    if link.startswith("socket:["):
+                        inode_owner[link[8:-1]] = pid
+    out: dict[int, list] = {}
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in inode_owner:  # 0A: LISTEN
+                continue
+            hexaddr = local.split(":")[0]
+            # The kernel prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(hexaddr[i:i + 8])[::-1] for i in range(0, width, 8))
+            address = ipaddress.ip_address(raw)
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            out.setdefault(inode_owner[inode], []).append(address)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from Linux's /proc")
+def test_a_private_ray_instance_listens_on_loopback_only(tmp_path):
+    """Without --address the driver starts its own Ray; none of its servers (GCS, raylet, workers) may
+    listen beyond loopback. Ray's Linux default listens on every interface."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(epochs=40))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(tmp_path / "out"),
+                               "--set", "family.name=factorized", "--executor", "ray"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: dict[int, set] = {}
+    names: dict[int, str] = {}
+    family: set[int] = {driver.pid}
+    try:
+        while driver.poll() is None:
+            parents = _parents()
+            grown = True
+            while grown:
+                new = {child for child, parent in parents.items() if parent in family} - family
+                family |= new
+                grown = bool(new)
+            for pid, addresses in _listening_addresses(family).items():
+                seen.setdefault(pid, set()).update(addresses)
+                names.setdefault(pid, _cmdline(pid).split("\0")[0].rsplit("/", 1)[-1])
+            time.sleep(0.05)
+        output = driver.stdout.read()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        _kill(sorted(family - {os.getpid()}))
+    assert driver.returncode == 0, output
+    servers = set(names.values())
+    assert any("gcs_server" in s for s in servers) and any("raylet" in s for s in servers), (servers, output)
+    beyond = {names[pid]: sorted(map(str, a)) for pid, a in seen.items() if not all(x.is_loopback for x in a)}
+    assert not beyond, beyond
+    (run,) = (tmp_path / "out" / "runs").iterdir()
+    assert json.loads((run / "status.json").read_text())["state"] == "done"

@@ -126,7 +126,7 @@ def cmd_run(args) -> int:
         try:
             from ..experiments.ray_executor import import_ray
 
-            import_ray()
+            import_ray(private_instance=args.address is None)
         except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

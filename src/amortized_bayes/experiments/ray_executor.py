@@ -28,6 +28,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -47,7 +48,19 @@ class RayUnavailable(RuntimeError):
     pass
 
 
-def import_ray():
+# Ray's local-only mode (its default on macOS and Windows): every server of the instance (GCS, raylet,
+# workers, runtime-env agent) binds to 127.0.0.1. Linux's default binds them to all interfaces (seen with
+# `ss -ltnp`, Ray 2.60: GCS, raylet and workers on *:port), and `_node_ip_address="127.0.0.1"` does not
+# help: Ray replaces a loopback node address by the host's own address. Read once, when ray is imported.
+_RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def import_ray(*, private_instance: bool = False):
+    """Import ray, or raise :class:`RayUnavailable`. With ``private_instance`` (no ``--address``: this
+    process will start its own Ray), Ray is put in its local-only mode first, so that the instance
+    listens on loopback only; a user who set the variable keeps their value."""
+    if private_instance and "ray" not in sys.modules:
+        os.environ.setdefault(_RAY_LOCAL_ONLY_ENV, "0")
     try:
         import ray
     except ImportError as exc:
@@ -201,7 +214,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
 
     ``address``: the cluster to join ("auto", "HOST:PORT", "ray://HOST:PORT"); None starts a private
     local Ray instance (or uses the one this process has already initialised)."""
-    ray = import_ray()
+    ray = import_ray(private_instance=address is None)
     from ..config import RunConfig
 
     if not ray.is_initialized():
