@@ -340,8 +340,9 @@ def test_a_private_ray_instance_listens_on_loopback_only(tmp_path):
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(epochs=40))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out", str(tmp_path / "out"),
-                               "--set", "family.name=factorized", "--executor", "ray"], env=env, text=True,
+    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", "run", str(grid), "--out",
+                               str(tmp_path / "out"), "--set", "family.name=factorized", "--executor", "ray"],
+                              env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seen: dict[int, set] = {}
     names: dict[int, str] = {}
