@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from step_time import FAMILIES, Stepper, device_label, synchronize  # noqa: E402
 
-from amortized_bayes.config import DataConfig, FamilyConfig, RunConfig, TrainConfig  # noqa: E402
+from amortized_bayes.config import DataConfig, FamilyConfig, family_config, RunConfig, TrainConfig  # noqa: E402
 from amortized_bayes.data import load_split  # noqa: E402
 from amortized_bayes.meta import machine_description  # noqa: E402
 from amortized_bayes.runtime import keep_freed_memory  # noqa: E402
@@ -198,7 +198,7 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
                 noise = torch.Generator().manual_seed(2)
                 for p in guide.local.parameters():
                     p.add_(0.5 * torch.randn(p.shape, generator=noise))
-        config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=FamilyConfig(name=family, width=max(width, 1)),
+        config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family_config(name=family, width=max(width, 1)),
                            train=TrainConfig(batch_size=None))
         tool_model, tool_family = build(config, n)
         pm.copy_into_tool(guide, family, tool_model, tool_family)
@@ -239,7 +239,7 @@ def fvi_scaling(sizes, steps: int, batch: int, device: str = "cpu") -> dict:
     out = {}
     for n in sizes:
         x = load_split("mnist", "train", n=n).images
-        s = Stepper(FamilyConfig(name="factorized"), x, batch, "batch", device)
+        s = Stepper(family_config(name="factorized"), x, batch, "batch", device)
         for _ in range(2):
             s.step()
         t = [s.step() for _ in range(steps)]

@@ -22,20 +22,20 @@ import time
 
 import torch
 
-from amortized_bayes.config import DataConfig, FamilyConfig, ObjectiveConfig, RunConfig, TrainConfig
+from amortized_bayes.config import DataConfig, FamilyConfig, family_config, ObjectiveConfig, RunConfig, TrainConfig
 from amortized_bayes.data import load_split
 from amortized_bayes.meta import machine_description
 from amortized_bayes.runtime import keep_freed_memory
 from amortized_bayes.training import batch_data, batch_schedule, build, make_optimisers, train_step
 
 FAMILIES = [
-    ("A-VI k=1", FamilyConfig(name="amortized", width=1)),
-    ("A-VI k=64", FamilyConfig(name="amortized", width=64)),
-    ("A-VI k=128", FamilyConfig(name="amortized", width=128)),
-    ("A-VI k=256", FamilyConfig(name="amortized", width=256)),
-    ("F-VI", FamilyConfig(name="factorized")),
-    ("constant-VI", FamilyConfig(name="constant")),
-    ("SA-VI k=64 K=5", FamilyConfig(name="semi-amortized", width=64, refine_steps=5)),
+    ("A-VI k=1", family_config(name="amortized", width=1)),
+    ("A-VI k=64", family_config(name="amortized", width=64)),
+    ("A-VI k=128", family_config(name="amortized", width=128)),
+    ("A-VI k=256", family_config(name="amortized", width=256)),
+    ("F-VI", family_config(name="factorized")),
+    ("constant-VI", family_config(name="constant")),
+    ("SA-VI k=64 K=5", family_config(name="semi-amortized", width=64, refine_steps=5)),
 ]
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from amortized_bayes.analysis import bootstrap_ratio_ci
-from amortized_bayes.config import FamilyConfig, ModelConfig, ObjectiveConfig, RunConfig
+from amortized_bayes.config import family_config, ModelConfig, ObjectiveConfig, RunConfig
 from amortized_bayes.evaluation import full_data_negative_elbo
 from amortized_bayes.families import build_family
 from amortized_bayes.model import BayesianDecoder
@@ -77,7 +77,7 @@ def _point_mass_setup(likelihood: str, n: int = 30):
     config = ModelConfig(latent_dim=3, hidden=8, depth=1, data_dim=10, likelihood=likelihood, obs_var=0.3,
                          init_log_scale=-30.0)
     decoder = BayesianDecoder(config).requires_grad_(False)
-    family = build_family(FamilyConfig(name="factorized", init_log_scale=-30.0), num_data=n, data_dim=10,
+    family = build_family(family_config(name="factorized", init_log_scale=-30.0), num_data=n, data_dim=10,
                           latent_dim=3)
     with torch.no_grad():
         family.loc.weight.normal_()

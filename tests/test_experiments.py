@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from amortized_bayes.config import ConfigError, DataConfig, FamilyConfig, RunConfig, TrainConfig
+from amortized_bayes.config import ConfigError, DataConfig, family_config, RunConfig, TrainConfig
 from amortized_bayes.experiments.grid import load_grid_file, parse_overrides, run_hash, run_id
 from amortized_bayes.experiments.presets import PRESETS
 from amortized_bayes.experiments.store import ResultStore, read_evals, read_json, read_steps
@@ -52,16 +52,16 @@ def cli(*args, check=True):
 
 
 def test_run_id_is_stable_and_ignores_fields_the_family_does_not_use():
-    base = RunConfig(family=FamilyConfig(name="factorized"))
-    same = RunConfig(family=FamilyConfig(name="factorized", width=256, depth=5, refine_steps=9))
+    base = RunConfig(family=family_config(name="factorized"))
+    same = RunConfig(family=family_config(name="factorized", width=256, depth=5, refine_steps=9))
     assert run_id(base) == run_id(same)
     # Pinned values: ids must not drift between versions (results folders are keyed by them). Only
     # fields that differ from their defaults are hashed, so adding a field keeps these ids.
     assert run_id(RunConfig()) == "mnist-avi-k64-s0-44136fa355"
-    assert run_id(RunConfig(family=FamilyConfig(name="factorized"), data=DataConfig(dataset="fashion-mnist"),
+    assert run_id(RunConfig(family=family_config(name="factorized"), data=DataConfig(dataset="fashion-mnist"),
                             train=TrainConfig(seed=3))) == "fashion-mnist-fvi-s3-5436523d2d"
     assert run_hash(RunConfig()) == run_hash(RunConfig.from_dict(json.loads(json.dumps(RunConfig().to_dict()))))
-    assert run_id(RunConfig(family=FamilyConfig(width=128))) != run_id(RunConfig())
+    assert run_id(RunConfig(family=family_config(width=128))) != run_id(RunConfig())
     assert run_id(RunConfig(train=TrainConfig(seed=1))) != run_id(RunConfig())
 
 

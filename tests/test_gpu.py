@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from amortized_bayes.config import DataConfig, FamilyConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
+from amortized_bayes.config import DataConfig, family_config, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig
 from amortized_bayes.inference import infer_local
 from amortized_bayes.training import TrainingData, batch_data, build, fit, make_optimisers, train_step
 
@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 GPU = "cuda"
 N, D = 48, 784
 FAMILIES = {
-    "amortized": FamilyConfig(name="amortized", width=16, depth=1),
-    "factorized": FamilyConfig(name="factorized"),
-    "constant": FamilyConfig(name="constant"),
-    "semi-amortized": FamilyConfig(name="semi-amortized", width=16, depth=1, refine_steps=2),
+    "amortized": family_config(name="amortized", width=16, depth=1),
+    "factorized": family_config(name="factorized"),
+    "constant": family_config(name="constant"),
+    "semi-amortized": family_config(name="semi-amortized", width=16, depth=1, refine_steps=2),
 }
 
 

@@ -164,7 +164,7 @@ def test_pairs_grid_puts_each_image_above_its_reconstruction():
 def _fitted(family: str, likelihood: str = "gaussian", seed: int = 0):
     """A model trained for 2 epochs on 40 random images (seconds), as load_fit would return it."""
     from amortized_bayes.checkpoint import load_fit, save_fit
-    from amortized_bayes.config import DataConfig, FamilyConfig, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
+    from amortized_bayes.config import DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
     from amortized_bayes.training import TrainingData, fit
 
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +175,7 @@ def _fitted(family: str, likelihood: str = "gaussian", seed: int = 0):
     config = RunConfig(
         data=DataConfig(n_train=40, n_test=0, binarize="threshold" if binary else "none"),
         model=ModelConfig(latent_dim=3, hidden=8, likelihood=likelihood),
-        family=FamilyConfig(name=family, width=8, refine_steps=2),
+        family=family_config(name=family, width=8, refine_steps=2),
         train=TrainConfig(epochs=2, batch_size=20, eval_every=2, seed=seed,
                           test_inference=LocalInferenceConfig(max_steps=200, window=20)))
     return fit(config, TrainingData(x, None)), save_fit, load_fit

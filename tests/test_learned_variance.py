@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from amortized_bayes.config import DataConfig, FamilyConfig, ModelConfig, RunConfig, TrainConfig
+from amortized_bayes.config import DataConfig, family_config, ModelConfig, RunConfig, TrainConfig
 from amortized_bayes.model import BayesianDecoder
 from amortized_bayes.objectives import decoded_log_likelihood_total, elbo_per_image, log_likelihood
 
@@ -93,7 +93,7 @@ def test_learned_variance_is_trained_recorded_and_saved(tmp_path):
     data = TrainingData(torch.rand(40, 784, generator=g) * 0.3, None)
     config = RunConfig(data=DataConfig(n_train=40, n_test=0), model=ModelConfig(latent_dim=2, hidden=8,
                                                                                obs_var="learned"),
-                       family=FamilyConfig(name="factorized"), train=TrainConfig(epochs=30, lr=0.05))
+                       family=family_config(name="factorized"), train=TrainConfig(epochs=30, lr=0.05))
     result = fit(config, data)
     values = [e["obs_var"] for e in result.history.evals]
     assert values[0] == 1.0 and values[-1] < 0.5  # pixels in [0, 0.3]: far less noise than 1

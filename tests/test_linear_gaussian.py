@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amortized_bayes.config import DataConfig, FamilyConfig, ObjectiveConfig, RunConfig, TrainConfig
+from amortized_bayes.config import DataConfig, family_config, ObjectiveConfig, RunConfig, TrainConfig
 from amortized_bayes.training import TrainingData, fit
 
 from . import linear_gaussian as lg
@@ -22,7 +22,7 @@ def staged_fit(model: lg.LinearGaussian, x: torch.Tensor, family: str, **family_
         config = RunConfig(
             data=DataConfig(n_train=N, n_test=0),
             model=model.model_config(),
-            family=FamilyConfig(name=family, **family_options),
+            family=family_config(name=family, **family_options),
             objective=ObjectiveConfig(estimator="analytic", num_samples=samples),
             train=TrainConfig(epochs=epochs, lr=lr, eval_every=epochs, eval_samples=64, train_decoder=False),
         )

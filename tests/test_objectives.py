@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from amortized_bayes import densities as dens
 from amortized_bayes import objectives
-from amortized_bayes.config import FamilyConfig, ModelConfig, ObjectiveConfig
+from amortized_bayes.config import family_config, ModelConfig, ObjectiveConfig
 from amortized_bayes.families import build_family
 from amortized_bayes.model import BayesianDecoder
 from amortized_bayes.objectives import draw_z, objective_terms
@@ -56,7 +56,7 @@ def small_setup(family="factorized", n=40, likelihood="gaussian", seed=0, **fami
     cfg = ModelConfig(latent_dim=3, hidden=8, depth=1, data_dim=10, likelihood=likelihood, obs_var=0.7,
                       prior_scale=0.9, init_log_scale=-1.0)
     model = BayesianDecoder(cfg)
-    fam = build_family(FamilyConfig(name=family, width=6, depth=1, **family_options), num_data=n,
+    fam = build_family(family_config(name=family, width=6, depth=1, **family_options), num_data=n,
                        data_dim=10, latent_dim=3)
     with torch.no_grad():  # move the free factors away from their init so every term matters
         for p in fam.parameters():
@@ -115,7 +115,7 @@ def test_mc_gradient_is_unbiased_for_the_exact_elbo_gradient():
     model = lg.make(D=5, d=2, obs_var=0.6, seed=3)
     x = model.sample(6, torch.Generator().manual_seed(5))
     decoder = model.decoder().requires_grad_(False)
-    fam = build_family(FamilyConfig(name="factorized"), num_data=6, data_dim=5, latent_dim=2)
+    fam = build_family(family_config(name="factorized"), num_data=6, data_dim=5, latent_dim=2)
     with torch.no_grad():
         fam.loc.weight.copy_(torch.randn(6, 2) * 0.5)
         fam.log_sigma.weight.copy_(torch.randn(6, 2) * 0.3 - 0.5)

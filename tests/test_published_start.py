@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from amortized_bayes.config import FamilyConfig, ModelConfig, RunConfig, TrainConfig
+from amortized_bayes.config import family_config, ModelConfig, RunConfig, TrainConfig
 from amortized_bayes.experiments.grid import run_id
 from amortized_bayes.experiments.presets import PRESETS
 from amortized_bayes.families import build_family
@@ -27,7 +27,7 @@ def _replicate_run(family: str, width: int | None = None, seed: int = 0) -> RunC
 
 def test_free_factors_start_at_the_requested_distribution():
     torch.manual_seed(0)
-    config = FamilyConfig(name="factorized", init_loc_sd=1.0, init_log_scale=-1.0, init_log_scale_sd=1.0)
+    config = family_config(name="factorized", init_loc_sd=1.0, init_log_scale=-1.0, init_log_scale_sd=1.0)
     family = build_family(config, num_data=20_000, data_dim=784, latent_dim=8)
     loc, log_sigma = family.loc.weight.detach(), family.log_sigma.weight.detach()
     # 160,000 draws: the sample mean is within ~4 standard errors (0.01) of the truth.
@@ -40,7 +40,7 @@ def test_free_factors_start_at_the_requested_distribution():
     new = family.for_new_data(3)
     assert new.loc.weight.eq(0).all() and new.log_sigma.weight.eq(-1.0).all()
 
-    constant = build_family(FamilyConfig(name="constant", init_loc_sd=1.0, init_log_scale_sd=1.0),
+    constant = build_family(family_config(name="constant", init_loc_sd=1.0, init_log_scale_sd=1.0),
                             num_data=5, data_dim=784, latent_dim=4096)
     c_loc, c_log_sigma = constant.loc.detach(), constant.log_sigma.detach()
     assert abs(float(c_loc.mean())) < 0.1 and abs(float(c_loc.std()) - 1.0) < 0.05
@@ -48,16 +48,16 @@ def test_free_factors_start_at_the_requested_distribution():
 
 
 def test_zero_spreads_keep_the_old_constant_start_and_run_ids():
-    family = build_family(FamilyConfig(name="factorized", init_log_scale=0.5), num_data=4, data_dim=784,
+    family = build_family(family_config(name="factorized", init_log_scale=0.5), num_data=4, data_dim=784,
                           latent_dim=3)
     assert family.loc.weight.eq(0).all() and family.log_sigma.weight.eq(0.5).all()
     # A field left at its default does not enter the run id, so the stored runs keep theirs.
-    plain = RunConfig(family=FamilyConfig(name="factorized"))
-    explicit = RunConfig(family=FamilyConfig(name="factorized", init_loc_sd=0.0, init_log_scale_sd=0.0))
+    plain = RunConfig(family=family_config(name="factorized"))
+    explicit = RunConfig(family=family_config(name="factorized", init_loc_sd=0.0, init_log_scale_sd=0.0))
     assert run_id(plain) == run_id(explicit)
-    assert run_id(RunConfig(family=FamilyConfig(name="factorized", init_loc_sd=1.0))) != run_id(plain)
+    assert run_id(RunConfig(family=family_config(name="factorized", init_loc_sd=1.0))) != run_id(plain)
     # An encoder does not use the free factors' fields: they cannot split its runs.
-    assert run_id(RunConfig(family=FamilyConfig(init_loc_sd=1.0))) == run_id(RunConfig())
+    assert run_id(RunConfig(family=family_config(init_loc_sd=1.0))) == run_id(RunConfig())
 
 
 def test_replicate_preset_carries_the_published_start():
@@ -90,7 +90,7 @@ def test_the_trace_records_every_epoch_and_changes_no_number(family):
 
     data = TrainingData(torch.rand(64, 784, generator=torch.Generator().manual_seed(0)))
     base = RunConfig(model=ModelConfig(latent_dim=3, hidden=8, depth=1),
-                     family=FamilyConfig(name=family, width=8, refine_steps=2),
+                     family=family_config(name=family, width=8, refine_steps=2),
                      train=TrainConfig(epochs=4, eval_every=2, batch_size=16))
     traced = RunConfig.from_dict({**base.to_dict(), "train": {**base.to_dict()["train"], "mse_every": 1}})
     a, b = fit(base, data), fit(traced, data)

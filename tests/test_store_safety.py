@@ -92,7 +92,7 @@ def test_corrupt_files_are_set_aside_and_only_their_run_redone(reference, tmp_pa
     grid, whole = reference
     out = tmp_path / "corrupt"
     cli("run", grid, "--out", out, "--workers", "1", "--threads", "1")
-    runs = {r.config.family.name + str(r.config.family.width): r for r in ResultStore(out).records()}
+    runs = {r.config.family.name + str(getattr(r.config.family, "width", 64)): r for r in ResultStore(out).records()}
     a, b, c, d = runs["amortized1"], runs["amortized8"], runs["factorized64"], runs["constant64"]
     model_time = {r.run_id: (r.path / "model.pt").stat().st_mtime_ns for r in (a, d)}
     # a: status.json truncated in a finished run. b: an interrupted run with a garbage checkpoint.
@@ -160,13 +160,13 @@ def test_an_unreadable_checkpoint_cannot_fail_a_run_twice(tmp_path):
 
 
 def test_diverging_test_time_inference_fails_the_run_loudly():
-    from amortized_bayes.config import DataConfig, FamilyConfig, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
+    from amortized_bayes.config import DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
     from amortized_bayes.training import NonFiniteEvaluationError, TrainingData, fit
 
     g = torch.Generator().manual_seed(0)
     data = TrainingData(torch.rand(20, 784, generator=g), torch.rand(10, 784, generator=g))
     config = RunConfig(data=DataConfig(n_train=20, n_test=10), model=ModelConfig(latent_dim=2, hidden=4),
-                       family=FamilyConfig(name="factorized"),
+                       family=family_config(name="factorized"),
                        train=TrainConfig(epochs=1, test_inference=LocalInferenceConfig(lr=1e30, max_steps=60)))
     with pytest.raises(NonFiniteEvaluationError, match="test-time inference diverged"):
         fit(config, data)

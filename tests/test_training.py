@@ -12,7 +12,7 @@ from amortized_bayes import load_fit, save_fit
 from amortized_bayes.config import (
     ConfigError,
     DataConfig,
-    FamilyConfig,
+    family_config,
     ModelConfig,
     ObjectiveConfig,
     RunConfig,
@@ -35,7 +35,7 @@ def config(family="amortized", epochs=3, batch_size=50, n=200, **kw):
     return RunConfig(
         data=DataConfig(n_train=n, n_test=100),
         model=SMALL_MODEL,
-        family=FamilyConfig(name=family, width=16, **fam_kw),
+        family=family_config(name=family, width=16, **fam_kw),
         objective=ObjectiveConfig(**obj_kw),
         train=TrainConfig(epochs=epochs, batch_size=batch_size, test_inference=LocalInferenceConfig(max_steps=300),
                           **kw),
@@ -243,8 +243,8 @@ def test_save_load_and_infer_new_images(mnist, family, tmp_path):
 @pytest.mark.parametrize(
     "make, field",
     [
-        (lambda: FamilyConfig(name="nope"), "family.name"),
-        (lambda: FamilyConfig(width=0), "family.width"),
+        (lambda: family_config(name="nope"), "family.name"),
+        (lambda: family_config(width=0), "family.width"),
         (lambda: DataConfig(n_train=60_001), "data.n_train"),
         (lambda: DataConfig(dataset="cifar"), "data.dataset"),
         (lambda: ObjectiveConfig(kind="legacy-2024", estimator="analytic"), "objective.estimator"),

@@ -10,7 +10,7 @@ import pytest
 
 from amortized_bayes.analysis import (Crossing, Results, RunData, censored_median, dataset_table, first_crossing,
                                       speedup)
-from amortized_bayes.config import FamilyConfig, RunConfig, TrainConfig
+from amortized_bayes.config import FamilyConfig, family_config, RunConfig, TrainConfig
 
 
 def hit(seconds: float, epochs: float | None = None) -> Crossing:
@@ -78,15 +78,15 @@ def _run(family: FamilyConfig, seed: int, curve: list[tuple[int, float, float]],
     config = RunConfig(family=family, train=TrainConfig(seed=seed))
     evals = [{"epoch": e, "step": 10 * e, "wall_time": t, "train_mse": m, "neg_elbo": neg_elbo * 1000}
              for e, t, m in curve]
-    return RunData(f"run-{family.name}-{family.width}-{seed}", Path("."), config, seed, {}, evals,
+    return RunData(f"run-{family.name}-{getattr(family, 'width', 0)}-{seed}", Path("."), config, seed, {}, evals,
                    {"seconds_per_step": 0.01})
 
 
 def _results(fvi_curves, avi_curves, fvi_elbo=100.0, avi_elbo=100.0) -> Results:
     results = Results(Path("."), {"tolerance": {"metric": "train_mse", "mnist": 0.05}})
     results.groups["mnist"] = {
-        "F-VI": [_run(FamilyConfig(name="factorized"), s, c, fvi_elbo) for s, c in enumerate(fvi_curves)],
-        "A-VI k=64": [_run(FamilyConfig(width=64), s, c, avi_elbo) for s, c in enumerate(avi_curves)],
+        "F-VI": [_run(family_config(name="factorized"), s, c, fvi_elbo) for s, c in enumerate(fvi_curves)],
+        "A-VI k=64": [_run(family_config(width=64), s, c, avi_elbo) for s, c in enumerate(avi_curves)],
     }
     return results
 

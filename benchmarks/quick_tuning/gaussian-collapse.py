@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from amortized_bayes import DataConfig, FamilyConfig, ModelConfig, RunConfig, TrainConfig, fit
+from amortized_bayes import DataConfig, family_config, ModelConfig, RunConfig, TrainConfig, fit
 
 torch.set_num_threads(1)
 obs_var = float(sys.argv[1])
 for name, width in [("amortized", 1), ("amortized", 64), ("factorized", 64), ("constant", 64)]:
     config = RunConfig(data=DataConfig(n_train=2000, n_test=500), model=ModelConfig(obs_var=obs_var),
-                       family=FamilyConfig(name=name, width=width),
+                       family=family_config(name=name, width=width),
                        train=TrainConfig(epochs=150, batch_size=100, eval_every=25))
     start = time.time()
     result = fit(config)

@@ -31,18 +31,11 @@ def iterations_to_tolerance(evals: list[dict], metric: str, tol: float) -> dict 
 
 
 def method_label(config) -> str:
-    """The curve a run belongs to: family and width (and objective when not the ELBO)."""
-    f = config.family
-    if f.name == "amortized":
-        label = f"A-VI k={f.width}" + (f" L={f.depth}" if f.depth != 2 else "")
-    elif f.name == "semi-amortized":
-        label = f"SA-VI k={f.width} K={f.refine_steps}"
-    elif f.name == "factorized":
-        label = "F-VI"
-    elif f.name == "constant":
-        label = "constant-VI"
-    else:
-        label = f.name
+    """The curve a run belongs to: the family's label (with its width) and the objective when not the
+    ELBO."""
+    from .families import get_family
+
+    label = get_family(config.family.name).label(config.family)
     if config.objective.kind != "elbo":
         label += f" ({config.objective.kind})"
     return label

@@ -71,6 +71,10 @@ def _check_type(value: Any, hint: Any, name: str) -> None:
         _check(isinstance(value, str), name, f"must be a string, got {value!r}")
     elif isinstance(hint, type) and is_dataclass(hint):
         _check(isinstance(value, hint), name, f"must be a table of {hint.__name__} fields, got {value!r}")
+    elif origin is tuple:  # tuple[X, ...]
+        _check(isinstance(value, tuple), name, f"must be a list, got {value!r}")
+        for i, item in enumerate(value):
+            _check_type(item, typing.get_args(hint)[0], f"{name}[{i}]")
 
 
 def _check_types(instance: Any, prefix: str) -> None:
@@ -213,22 +217,47 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FamilyConfig:
-    """The local variational family (SPEC §2). ``width``/``depth`` are the encoder's (amortized and
-    semi-amortized); ``refine_*`` are SA-VI's K steps, step size, and whether gradients flow back
-    through the refinement into the encoder.
+    """The local variational family (SPEC §2): the base of every family's config, which holds only the
+    fields that family uses. ``name`` picks the family; build a config with :func:`family_config`
+    (``family_config("factorized", init_log_scale=-1.0)``), which returns the family's own class.
 
-    The free factors (factorized, constant) start at mean ~ N(0, ``init_loc_sd``^2) and
-    log sigma ~ N(``init_log_scale``, ``init_log_scale_sd``^2), drawn independently for every image and
-    dimension; with both spreads 0 (the default) every factor starts at mean 0 and log sigma
-    ``init_log_scale``. The published code (replicate-2024) draws F-VI's means from N(0, 1) and its log
-    sigmas from N(-1, 1), and constant-VI's from N(0, 1) and N(0, 1)."""
+    A family registers its config class as ``config_class`` (see
+    :func:`amortized_bayes.families.register_family`); a subclass validates its own fields in
+    :meth:`check`."""
 
     name: str = "amortized"
+
+    def __post_init__(self):
+        from .families import get_family
+
+        _check_types(self, "family")
+        family = get_family(self.name)
+        _check(type(self) is family.config_class, "family",
+               f"the {self.name} family takes a {family.config_class.__name__}, got a {type(self).__name__} "
+               "(build it with family_config)")
+        self.check()
+
+    def check(self) -> None:
+        """Refuse out-of-range values with a :class:`ConfigError` (types are already checked)."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig(FamilyConfig):
+    """An encoder MLP's ``width`` (units per hidden layer, k) and ``depth`` (hidden layers): A-VI."""
+
     width: int = 64
     depth: int = 2
-    init_log_scale: float = 0.0
-    init_loc_sd: float = 0.0
-    init_log_scale_sd: float = 0.0
+
+    def check(self) -> None:
+        _in_range(self.width, 1, 65_536, "family.width")
+        _in_range(self.depth, 0, 64, "family.depth")
+
+
+@dataclass(frozen=True)
+class SemiAmortizedConfig(EncoderConfig):
+    """SA-VI: the encoder's, and ``refine_*``: the K refinement steps, their step size, whether
+    gradients flow back through them into the encoder, and the clipping of each image's step."""
+
     refine_steps: int = 5
     # 0.1: on MNIST (sigma_x^2 = 1, d = 64, H = 256) five steps of 0.1 raise the local ELBO of a
     # partly trained A-VI by ~30 nats per image, and steps diverged only at 1.0 (measured).
@@ -239,19 +268,46 @@ class FamilyConfig:
     # 0.03 already sent log sigma to infinity within 100 epochs on the quick preset (measured).
     refine_max_norm: float = 5.0
 
-    def __post_init__(self):
-        from .families import FAMILIES
-
-        _check_types(self, "family")
-        _check(self.name in FAMILIES, "family.name", f"unknown family {self.name!r}; known: {', '.join(FAMILIES)}")
-        _in_range(self.width, 1, 65_536, "family.width")
-        _in_range(self.depth, 0, 64, "family.depth")
-        _in_range(self.init_log_scale, -100.0, 20.0, "family.init_log_scale")
-        _check(self.init_loc_sd >= 0, "family.init_loc_sd", f"must be >= 0, got {self.init_loc_sd}")
-        _check(self.init_log_scale_sd >= 0, "family.init_log_scale_sd", f"must be >= 0, got {self.init_log_scale_sd}")
+    def check(self) -> None:
+        super().check()
         _in_range(self.refine_steps, 0, 10_000, "family.refine_steps")
         _check(self.refine_lr > 0, "family.refine_lr", f"must be > 0, got {self.refine_lr}")
         _check(self.refine_max_norm >= 0, "family.refine_max_norm", f"must be >= 0, got {self.refine_max_norm}")
+
+
+@dataclass(frozen=True)
+class FreeFactorConfig(FamilyConfig):
+    """Free factors (F-VI, constant-VI) start at mean ~ N(0, ``init_loc_sd``^2) and
+    log sigma ~ N(``init_log_scale``, ``init_log_scale_sd``^2), drawn independently for every image and
+    dimension; with both spreads 0 (the default) every factor starts at mean 0 and log sigma
+    ``init_log_scale``. The published code (replicate-2024) draws F-VI's means from N(0, 1) and its log
+    sigmas from N(-1, 1), and constant-VI's from N(0, 1) and N(0, 1)."""
+
+    init_log_scale: float = 0.0
+    init_loc_sd: float = 0.0
+    init_log_scale_sd: float = 0.0
+
+    def check(self) -> None:
+        _in_range(self.init_log_scale, -100.0, 20.0, "family.init_log_scale")
+        _check(self.init_loc_sd >= 0, "family.init_loc_sd", f"must be >= 0, got {self.init_loc_sd}")
+        _check(self.init_log_scale_sd >= 0, "family.init_log_scale_sd", f"must be >= 0, got {self.init_log_scale_sd}")
+
+
+def family_config(name: str = "amortized", **values: Any) -> FamilyConfig:
+    """The config of family ``name`` (its own class) with ``values`` for its fields.
+
+    A field that another registered family uses but this one does not (an encoder's ``width`` given to
+    F-VI, say) is ignored, so that a grid may cross ``family.name`` with ``family.width``; a field no
+    family knows is refused with its name."""
+    from .families import family_field_names, get_family
+
+    _check(isinstance(name, str), "family.name", f"must be a string, got {name!r}")
+    cls = get_family(name).config_class
+    own = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - family_field_names())
+    if unknown:
+        raise ConfigError(f"family.{unknown[0]}: unknown field (known: {', '.join(sorted(family_field_names()))})")
+    return cls(name=name, **{k: v for k, v in values.items() if k in own})
 
 
 @dataclass(frozen=True)
@@ -341,11 +397,17 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    family: FamilyConfig = field(default_factory=FamilyConfig)
+    family: FamilyConfig = field(default_factory=lambda: family_config("amortized"))
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Modules to import before this config is read (families, likelihoods or objectives defined outside
+    # the package): file paths (made absolute by the grid file that names them) or dotted module names.
+    # Not part of the run's identity (its id): the family's name is.
+    plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.plugins, list):
+            object.__setattr__(self, "plugins", tuple(self.plugins))
         _check_types(self, "config")
         if self.data.is_file:
             pixels = self.data.image_shape[0] * self.data.image_shape[1]
@@ -365,13 +427,21 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are refused with their name."""
+        """Inverse of :meth:`to_dict`; unknown keys are refused with their name. The modules named in
+        ``plugins`` are imported first, so that the families they register can be read (in worker, gap
+        and Ray processes as in the one that planned the run)."""
+        if isinstance(raw, dict) and raw.get("plugins"):
+            from .plugins import import_plugins
+
+            import_plugins(raw["plugins"])
         return _build(cls, raw, "")
 
 
 def _build(cls, raw: dict, prefix: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {raw!r}")
+    if cls is FamilyConfig:
+        return family_config(**raw)
     known = {f.name: f for f in fields(cls)}
     unknown = set(raw) - set(known)
     if unknown:
@@ -393,6 +463,7 @@ _NESTED = {
 }
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "FamilyConfig", "ObjectiveConfig", "LocalInferenceConfig",
-    "TrainConfig", "RunConfig", "replace",
+    "ConfigError", "DataConfig", "ModelConfig", "FamilyConfig", "EncoderConfig", "SemiAmortizedConfig",
+    "FreeFactorConfig", "family_config", "ObjectiveConfig", "LocalInferenceConfig", "TrainConfig", "RunConfig",
+    "replace",
 ]

@@ -18,7 +18,7 @@ def local_posterior(model: BayesianDecoder, family: VariationalFamily, x: torch.
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's (mu, log_sigma) for every image, (N, d) each, computed in chunks without gradients
     (SA-VI's refinement runs with theta at its posterior mean)."""
-    refine = make_local_elbo(model, 1, generator) if family.name == "semi-amortized" else None
+    refine = make_local_elbo(model, 1, generator) if family.refines_locally else None
     mus, log_sigmas = [], []
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
@@ -76,7 +76,7 @@ def legacy_objective_value(model, family, x, num_data, num_samples, generator) -
     from .objectives import objective_terms
 
     config = ObjectiveConfig(kind="legacy-2024", estimator="mc", local_terms="batch", num_samples=num_samples)
-    refine_needed = family.name == "semi-amortized"
+    refine_needed = family.refines_locally
     with torch.no_grad() if not refine_needed else torch.enable_grad():
         idx = torch.arange(x.shape[0], device=x.device)
         terms = objective_terms(model, family, x, idx, num_data=num_data, config=config, generator=generator)

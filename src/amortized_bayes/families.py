@@ -1,14 +1,19 @@
-"""Variational families for the local latents (SPEC §2), all behind one interface.
+"""Variational families for the local latents (SPEC §2), all behind one interface: the extension point.
 
 Given a batch of images ``x`` (B, D) and their row indices ``idx`` (B,), a family returns the means and
-log standard deviations of q_n(z_n), each (B, d). A new family is one class registered with
-:func:`register_family`; the trainer does not change.
+log standard deviations of q_n(z_n), each (B, d). A new family is one class, registered with
+:func:`register_family`, that says on itself everything the rest of the tool needs: its config class,
+its short id and label, whether it has an encoder (``amortized``), whether it refines on the local ELBO,
+and how it starts on new images. Nothing else changes; ``examples/hybrid_family.py`` is one written
+outside the package. A module that registers families is found by worker, gap and Ray processes through
+a grid file's ``plugins`` or an entry point (:mod:`amortized_bayes.plugins`).
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from dataclasses import fields
 from typing import ClassVar
 from collections.abc import Callable
 
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FamilyConfig
+from .config import ConfigError, EncoderConfig, FamilyConfig, FreeFactorConfig, SemiAmortizedConfig
 
 # (x (B, D), mu (B, d), log_sigma (B, d)) -> per-datapoint local ELBO (B,) with theta held fixed.
 LocalELBO = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -25,21 +30,83 @@ FAMILIES: dict[str, type[VariationalFamily]] = {}
 
 
 def register_family(cls: type[VariationalFamily]) -> type[VariationalFamily]:
-    """Class decorator: make ``cls`` available under ``cls.name`` in configs."""
+    """Class decorator: make ``cls`` available under ``cls.name`` in configs. The name becomes part of
+    run ids, so it must be a safe folder-name fragment (letters, digits, '-', '_', '.')."""
+    from .config import check_safe_name
+
+    check_safe_name(cls.name, f"family name of {cls.__name__}")
+    if not (isinstance(cls.config_class, type) and issubclass(cls.config_class, FamilyConfig)):
+        raise TypeError(f"{cls.__name__}.config_class must be a FamilyConfig subclass")
+    if cls.name in FAMILIES and FAMILIES[cls.name].__qualname__ != cls.__qualname__:
+        raise ValueError(f"family {cls.name!r} is already registered by {FAMILIES[cls.name].__qualname__}")
     FAMILIES[cls.name] = cls
     return cls
+
+
+def get_family(name: str) -> type[VariationalFamily]:
+    """The family registered as ``name``, looking in the plugins' entry points when it is not (yet)."""
+    if name not in FAMILIES:
+        from .plugins import ENTRY_POINT_GROUP, load_entry_points
+
+        load_entry_points()
+        if name not in FAMILIES:
+            raise ConfigError(f"family.name: unknown family {name!r}; known: {', '.join(FAMILIES)} (a family "
+                              f"defined elsewhere needs the grid file's plugins = [...] or an entry point "
+                              f"in the group {ENTRY_POINT_GROUP})")
+    return FAMILIES[name]
+
+
+def registered_families() -> dict[str, type[VariationalFamily]]:
+    """Every family: the built-in ones and those of the plugins' entry points."""
+    from .plugins import load_entry_points
+
+    load_entry_points()
+    return dict(FAMILIES)
+
+
+def family_field_names() -> set[str]:
+    """The config fields of every registered family (``family.<field>`` keys a grid may set)."""
+    return {f.name for cls in registered_families().values() for f in fields(cls.config_class)}
 
 
 class VariationalFamily(nn.Module, ABC):
     """The local factor q_n(z_n) = N(mu_n, diag sigma_n^2).
 
-    ``amortized``: whether new images are mapped without optimisation (an encoder). Families that are
-    not amortized provide :meth:`for_new_data`, a fresh family for M new images that test-time inference
-    fits with q(theta) frozen.
+    Class attributes, read by the rest of the tool:
+
+    - ``name``: the family's name in configs (``family.name``);
+    - ``config_class``: its config dataclass (a :class:`~amortized_bayes.config.FamilyConfig` subclass
+      with only the fields it uses: they alone enter the run id);
+    - ``amortized``: new images are mapped without optimisation (an encoder). A family that is not
+      provides :meth:`for_new_data`, a fresh family for M new images that test-time inference fits with
+      q(theta) frozen (every parameter of that family is fitted);
+    - ``refines_locally``: :meth:`local_params` improves its output on the local ELBO it is given as
+      ``refine`` (the trainer, the evaluation and test-time inference then pass one);
+    - ``rank``: where its rows go in tables (A-VI 0, SA-VI 1, F-VI 2, constant-VI 3).
+
+    and :meth:`short_id` (in run ids) and :meth:`label` (in tables and figures) of a config.
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[FamilyConfig]] = FamilyConfig
     amortized: ClassVar[bool]
+    refines_locally: ClassVar[bool] = False
+    rank: ClassVar[int] = 5
+
+    @classmethod
+    def short_id(cls, config: FamilyConfig) -> str:
+        """The family's part of a run id: ``avi-k64``, ``fvi``."""
+        return cls.name
+
+    @classmethod
+    def label(cls, config: FamilyConfig) -> str:
+        """The family's name in tables, figures and verdicts: ``A-VI k=64``, ``F-VI``."""
+        return cls.name
+
+    @classmethod
+    def encoder_width(cls, config: FamilyConfig) -> int | None:
+        """Units per hidden layer of the encoder, or None for a family without one."""
+        return getattr(config, "width", None)
 
     @classmethod
     @abstractmethod
@@ -84,7 +151,17 @@ class AmortizedFamily(VariationalFamily):
     ``depth`` 0 makes both heads linear in x."""
 
     name = "amortized"
+    config_class = EncoderConfig
     amortized = True
+    rank = 0
+
+    @classmethod
+    def short_id(cls, config):
+        return f"avi-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "")
+
+    @classmethod
+    def label(cls, config):
+        return f"A-VI k={config.width}" + (f" L={config.depth}" if config.depth != 2 else "")
 
     def __init__(self, data_dim: int, latent_dim: int, width: int, depth: int):
         super().__init__()
@@ -117,6 +194,17 @@ class SemiAmortizedFamily(AmortizedFamily):
     ``max_norm`` (0: none)."""
 
     name = "semi-amortized"
+    config_class = SemiAmortizedConfig
+    refines_locally = True
+    rank = 1
+
+    @classmethod
+    def short_id(cls, config):
+        return f"savi-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "") + f"-K{config.refine_steps}"
+
+    @classmethod
+    def label(cls, config):
+        return f"SA-VI k={config.width} K={config.refine_steps}"
 
     def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool,
                  max_norm: float = 0.0):
@@ -175,7 +263,17 @@ class FactorizedFamily(VariationalFamily):
     so that test-time inference draws no random numbers."""
 
     name = "factorized"
+    config_class = FreeFactorConfig
     amortized = False
+    rank = 2
+
+    @classmethod
+    def short_id(cls, config):
+        return "fvi"
+
+    @classmethod
+    def label(cls, config):
+        return "F-VI"
 
     def __init__(self, num_data: int, latent_dim: int, init_log_scale: float = 0.0, sparse: bool = False,
                  init_loc_sd: float = 0.0, init_log_scale_sd: float = 0.0):
@@ -217,7 +315,17 @@ class ConstantFamily(VariationalFamily):
     ``init_loc_sd``^2) and log sigma ~ N(``init_log_scale``, ``init_log_scale_sd``^2) per dimension."""
 
     name = "constant"
+    config_class = FreeFactorConfig
     amortized = False
+    rank = 3
+
+    @classmethod
+    def short_id(cls, config):
+        return "const"
+
+    @classmethod
+    def label(cls, config):
+        return "constant-VI"
 
     def __init__(self, latent_dim: int, init_log_scale: float = 0.0, init_loc_sd: float = 0.0,
                  init_log_scale_sd: float = 0.0):
@@ -241,5 +349,5 @@ class ConstantFamily(VariationalFamily):
 
 def build_family(config: FamilyConfig, *, num_data: int, data_dim: int, latent_dim: int,
                  sparse: bool = False) -> VariationalFamily:
-    return FAMILIES[config.name].from_config(config, num_data=num_data, data_dim=data_dim,
+    return get_family(config.name).from_config(config, num_data=num_data, data_dim=data_dim,
                                               latent_dim=latent_dim, sparse=sparse)

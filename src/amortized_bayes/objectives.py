@@ -252,7 +252,7 @@ def objective_terms(
         theta, log_prior_theta, entropy_theta = sample_theta_with_terms(model, S, generator)
     else:
         theta = model.sample(S, generator)
-    refine = make_local_elbo(model, 1, generator) if family.name == "semi-amortized" else None
+    refine = make_local_elbo(model, 1, generator) if family.refines_locally else None
     if config.local_terms == "all":
         if x_all is None or x_all.shape[0] != num_data:
             raise ValueError("local_terms='all' needs x_all with every one of the num_data images")

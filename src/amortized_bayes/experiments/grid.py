@@ -20,30 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, FamilyConfig, RunConfig, check_safe_name
-
-ENCODER_FIELDS = ("width", "depth")
-REFINE_FIELDS = ("refine_steps", "refine_lr", "refine_backprop", "refine_max_norm")
-FREE_FACTOR_FIELDS = ("init_log_scale", "init_loc_sd", "init_log_scale_sd")
-
+from ..config import ConfigError, RunConfig, check_safe_name
 
 def canonical(config: RunConfig) -> RunConfig:
-    """``config`` with the fields its family ignores reset to their defaults."""
-    raw = config.to_dict()
-    fam, defaults = raw["family"], FamilyConfig().__dict__
-    from ..families import FAMILIES
-
-    cls = FAMILIES[fam["name"]]
-    unused: list[str] = []
-    if not cls.amortized:
-        unused += [*ENCODER_FIELDS, *REFINE_FIELDS]
-    else:
-        unused += list(FREE_FACTOR_FIELDS)
-        if fam["name"] != "semi-amortized":
-            unused += list(REFINE_FIELDS)
-    for name in unused:
-        fam[name] = defaults[name]
-    return RunConfig.from_dict(raw)
+    """``config`` as it is stored and hashed. A family's config holds only the fields that family uses
+    (an encoder's width given to F-VI is dropped when the config is built), so this is the config
+    itself, kept as the one place to change if a later field needs normalising."""
+    return config
 
 
 def _non_default(raw: dict, defaults: dict) -> dict:
@@ -61,22 +44,23 @@ def _non_default(raw: dict, defaults: dict) -> dict:
 def run_hash(config: RunConfig) -> str:
     """SHA-256 (first 10 hex digits) of the canonical config's fields that differ from their defaults,
     as sorted, compact JSON. Leaving defaults out keeps ids stable when a later version adds a field."""
-    changed = _non_default(canonical(config).to_dict(), RunConfig().to_dict())
+    raw = canonical(config).to_dict()
+    del raw["plugins"]  # where the code is found, not what the run is
+    defaults = RunConfig().to_dict()
+    # The family's fields against its own config's defaults (name: against the default family's), which
+    # are the values the single family table of earlier versions had: ids stay as they were.
+    defaults["family"] = {**type(config.family)(name=config.family.name).__dict__, "name": defaults["family"]["name"]}
+    changed = _non_default(raw, defaults)
     text = json.dumps(changed, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def describe_run(config: RunConfig) -> str:
-    """A short human label: dataset, family (and width/depth), objective if not the default, seed."""
+    """A short human label: dataset, family (and its width/depth), objective if not the default, seed."""
+    from ..families import get_family
+
     c = canonical(config)
-    fam = c.family
-    short = {"amortized": "avi", "semi-amortized": "savi", "factorized": "fvi", "constant": "const"}
-    name = short.get(fam.name, fam.name)
-    if fam.name in ("amortized", "semi-amortized"):
-        name += f"-k{fam.width}" + (f"-L{fam.depth}" if fam.depth != 2 else "")
-    if fam.name == "semi-amortized":
-        name += f"-K{fam.refine_steps}"
-    parts = [c.data.label, name]
+    parts = [c.data.label, get_family(c.family.name).short_id(c.family)]
     if c.objective.kind != "elbo":
         parts.append(c.objective.kind)
     parts.append(f"s{c.train.seed}")
@@ -94,6 +78,11 @@ def set_path(raw: dict, dotted: str, value: Any) -> None:
     """Set ``raw[a][b]... = value`` for ``dotted`` = "a.b...", refusing unknown fields by name."""
     keys = dotted.split(".")
     probe: Any = RunConfig().to_dict()
+    if keys[0] == "family" and len(keys) == 2:
+        from ..families import family_field_names
+
+        # Any registered family's field: which family a run has is known only when its table is complete.
+        probe["family"] = dict.fromkeys(family_field_names())
     for k in keys:
         if not isinstance(probe, dict) or k not in probe:
             raise ConfigError(f"{dotted}: unknown field")
@@ -167,6 +156,10 @@ class Grid:
                 raise ConfigError(f"grid {self.name}: axis {key} must be a non-empty list of values, "
                                   f"got {self.axes[key]!r}")
         combos = list(itertools.product(*(self.axes[k] for k in keys))) if keys else [()]
+        if self.base.get("plugins"):
+            from ..plugins import import_plugins
+
+            import_plugins(self.base["plugins"])
         variants = self.variants or [{}]
         runs: dict[str, RunConfig] = {}
         for variant in variants:
@@ -251,10 +244,25 @@ def load_grid_file(path: str | Path) -> Grid:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid file must hold a table (name, base, axes, variants, tolerance), "
                           f"got {type(raw).__name__}")
-    unknown = set(raw) - {"name", "description", "base", "axes", "variants", "tolerance"}
+    unknown = set(raw) - {"name", "description", "base", "axes", "variants", "tolerance", "plugins"}
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} "
-                          "(known: name, description, base, axes, variants, tolerance)")
+                          "(known: name, description, base, axes, variants, tolerance, plugins)")
+    base = raw.get("base", {})
+    plugins = raw.get("plugins", [])
+    if isinstance(base, dict) and "plugins" in base:
+        plugins = [*plugins, *base["plugins"]] if isinstance(base["plugins"], list) else base["plugins"]
+    if plugins:
+        from ..plugins import import_plugins, resolve_plugin
+
+        if not isinstance(plugins, list):
+            raise ConfigError(f"{path}: plugins must be a list of file paths or module names, got {plugins!r}")
+        if not isinstance(base, dict):
+            raise ConfigError(f"{path}: base must be a table of config fields, got {base!r}")
+        # File paths relative to the grid file, made absolute: every run's config records where its
+        # family's code is, for the worker processes that read it.
+        base = {**base, "plugins": [resolve_plugin(p, path.parent) for p in plugins]}
+        import_plugins(base["plugins"])  # their families' fields may be set below
     axes = raw.get("axes", {})
     if not isinstance(axes, dict):
         raise ConfigError(f"{path}: axes must be a table (dotted field = [values]), got {type(axes).__name__}")
@@ -264,7 +272,7 @@ def load_grid_file(path: str | Path) -> Grid:
             raise ConfigError(f"{path}: axes.{key} must be a non-empty list")
     # Without a name, the file's stem, made a safe folder name.
     default_name = re.sub(r"[^A-Za-z0-9._+-]+", "-", path.stem).strip(".-") or "grid"
-    grid = Grid(name=raw.get("name", default_name), base=raw.get("base", {}), axes=axes,
+    grid = Grid(name=raw.get("name", default_name), base=base, axes=axes,
                 variants=raw.get("variants", []), description=raw.get("description", ""),
                 tolerance=raw.get("tolerance", {"metric": "train_mse"}))
     grid.expand()  # validate now, with the file named

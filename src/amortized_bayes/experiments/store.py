@@ -337,8 +337,7 @@ class ResultStore:
             rows.append({
                 "run_id": rec.run_id, "state": rec.display_state, "dataset": c.data.label,
                 "family": c.family.name,
-                "width": c.family.width if c.family.name in ("amortized", "semi-amortized") else "",
-                "depth": c.family.depth if c.family.name in ("amortized", "semi-amortized") else "",
+                "width": getattr(c.family, "width", ""), "depth": getattr(c.family, "depth", ""),
                 "objective": c.objective.kind, "estimator": c.objective.estimator,
                 "local_terms": c.objective.local_terms, "seed": c.train.seed, "n_train": c.data.n_train,
                 "epochs_done": rec.status.get("epochs_done", ""), "steps": summ.get("steps", ""),
