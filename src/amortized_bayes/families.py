@@ -79,7 +79,7 @@ class VariationalFamily(nn.Module, ABC):
       with only the fields it uses: they alone enter the run id);
     - ``amortized``: new images are mapped without optimisation (an encoder). A family that is not
       provides :meth:`for_new_data`, a fresh family for M new images that test-time inference fits with
-      q(theta) frozen (every parameter of that family is fitted);
+      q(theta) frozen (every parameter of that family that requires a gradient is fitted);
     - ``refines_locally``: :meth:`local_params` improves its output on the local ELBO it is given as
       ``refine`` (the trainer, the evaluation and test-time inference then pass one);
     - ``rank``: where its rows go in tables (A-VI 0, SA-VI 1, F-VI 2, constant-VI 3).
@@ -88,20 +88,30 @@ class VariationalFamily(nn.Module, ABC):
     """
 
     name: ClassVar[str]
+    short_name: ClassVar[str]  # in run ids ("avi"); the name unless the class sets it
+    title: ClassVar[str]  # in tables ("A-VI"); the name unless the class sets it
     config_class: ClassVar[type[FamilyConfig]] = FamilyConfig
     amortized: ClassVar[bool]
     refines_locally: ClassVar[bool] = False
     rank: ClassVar[int] = 5
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            # A subclass registered under a new name must not pass for its parent in ids and tables.
+            for attribute in ("short_name", "title"):
+                if attribute not in cls.__dict__:
+                    setattr(cls, attribute, cls.name)
+
     @classmethod
     def short_id(cls, config: FamilyConfig) -> str:
         """The family's part of a run id: ``avi-k64``, ``fvi``."""
-        return cls.name
+        return cls.short_name
 
     @classmethod
     def label(cls, config: FamilyConfig) -> str:
         """The family's name in tables, figures and verdicts: ``A-VI k=64``, ``F-VI``."""
-        return cls.name
+        return cls.title
 
     @classmethod
     def encoder_width(cls, config: FamilyConfig) -> int | None:
@@ -151,17 +161,18 @@ class AmortizedFamily(VariationalFamily):
     ``depth`` 0 makes both heads linear in x."""
 
     name = "amortized"
+    short_name, title = "avi", "A-VI"
     config_class = EncoderConfig
     amortized = True
     rank = 0
 
     @classmethod
     def short_id(cls, config):
-        return f"avi-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "")
+        return f"{cls.short_name}-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "")
 
     @classmethod
     def label(cls, config):
-        return f"A-VI k={config.width}" + (f" L={config.depth}" if config.depth != 2 else "")
+        return f"{cls.title} k={config.width}" + (f" L={config.depth}" if config.depth != 2 else "")
 
     def __init__(self, data_dim: int, latent_dim: int, width: int, depth: int):
         super().__init__()
@@ -194,17 +205,18 @@ class SemiAmortizedFamily(AmortizedFamily):
     ``max_norm`` (0: none)."""
 
     name = "semi-amortized"
+    short_name, title = "savi", "SA-VI"
     config_class = SemiAmortizedConfig
     refines_locally = True
     rank = 1
 
     @classmethod
     def short_id(cls, config):
-        return f"savi-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "") + f"-K{config.refine_steps}"
+        return f"{super().short_id(config)}-K{config.refine_steps}"
 
     @classmethod
     def label(cls, config):
-        return f"SA-VI k={config.width} K={config.refine_steps}"
+        return f"{cls.title} k={config.width} K={config.refine_steps}"
 
     def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool,
                  max_norm: float = 0.0):
@@ -263,17 +275,10 @@ class FactorizedFamily(VariationalFamily):
     so that test-time inference draws no random numbers."""
 
     name = "factorized"
+    short_name, title = "fvi", "F-VI"
     config_class = FreeFactorConfig
     amortized = False
     rank = 2
-
-    @classmethod
-    def short_id(cls, config):
-        return "fvi"
-
-    @classmethod
-    def label(cls, config):
-        return "F-VI"
 
     def __init__(self, num_data: int, latent_dim: int, init_log_scale: float = 0.0, sparse: bool = False,
                  init_loc_sd: float = 0.0, init_log_scale_sd: float = 0.0):
@@ -315,17 +320,10 @@ class ConstantFamily(VariationalFamily):
     ``init_loc_sd``^2) and log sigma ~ N(``init_log_scale``, ``init_log_scale_sd``^2) per dimension."""
 
     name = "constant"
+    short_name, title = "const", "constant-VI"
     config_class = FreeFactorConfig
     amortized = False
     rank = 3
-
-    @classmethod
-    def short_id(cls, config):
-        return "const"
-
-    @classmethod
-    def label(cls, config):
-        return "constant-VI"
 
     def __init__(self, latent_dim: int, init_log_scale: float = 0.0, init_loc_sd: float = 0.0,
                  init_log_scale_sd: float = 0.0):
