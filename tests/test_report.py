@@ -16,7 +16,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from amortized_bayes.analysis import bootstrap_ci, dataset_table, iterations_to_tolerance, load_results
+from amortized_bayes.analysis import dataset_table, iterations_to_tolerance, load_results
 
 GRID = """
 name = "tiny-report"
@@ -120,12 +120,6 @@ def test_iterations_to_tolerance_and_never():
              {"epoch": 10, "step": 100, "wall_time": 3.0, "train_mse": 0.01}]
     assert iterations_to_tolerance(evals, "train_mse", 0.06) == {"epoch": 5, "step": 50, "seconds": 1.5}
     assert iterations_to_tolerance(evals, "train_mse", 0.001) is None
-
-
-def test_bootstrap_interval_covers_the_median_of_a_known_sample():
-    rng = np.random.default_rng(1)
-    lo, hi = bootstrap_ci(list(rng.normal(3.0, 1.0, size=200)))
-    assert lo < 3.0 < hi and hi - lo < 0.5
 
 
 def test_report_html_renders_in_headless_chromium_without_console_errors(built, tmp_path):

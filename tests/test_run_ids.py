@@ -107,11 +107,3 @@ def test_the_hash_is_sha256_of_the_non_default_fields_as_compact_sorted_json():
     expected = hashlib.sha256(text.encode()).hexdigest()[:10]
     assert run_hash(changed(RunConfig().to_dict(), "train.lr", 0.01)) == expected
 
-
-def test_the_command_line_starts_without_torch():
-    import subprocess
-    import sys
-
-    code = "import sys, amortized_bayes.cli; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert out == "False"

@@ -122,17 +122,6 @@ def load_results(root: str | Path) -> Results:
     return results
 
 
-def bootstrap_ci(samples: list[float], statistic=np.median, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` over the samples (seeds)."""
-    x = np.asarray(samples, dtype=float)
-    if len(x) == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    stats = [statistic(rng.choice(x, size=len(x), replace=True)) for _ in range(BOOTSTRAP_RESAMPLES)]
-    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def bootstrap_ratio_ci(num: list[float], den: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of median(num) / median(den), seeds resampled within each group."""
     a, b = np.asarray(num, float), np.asarray(den, float)

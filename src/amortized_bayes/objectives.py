@@ -44,10 +44,6 @@ class ObjectiveTerms:
     def value(self) -> torch.Tensor:
         return self.log_lik + self.log_prior_z + self.entropy_z + self.log_prior_theta + self.entropy_theta
 
-    def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in
-                ("log_lik", "log_prior_z", "entropy_z", "log_prior_theta", "entropy_theta")}
-
 
 def log_likelihood(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
     """Per-draw, per-image log p(x | z, theta). x: (B, D), out: (S, B, D) -> (S, B)."""

