@@ -423,7 +423,8 @@ class RunConfig:
                    f"{self.train.batch_size} is larger than data.n_train={n}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON types: tables, lists, strings, numbers, booleans, None."""
+        return {**asdict(self), "plugins": list(self.plugins)}
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:
