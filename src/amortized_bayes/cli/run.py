@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("grid_file", nargs="?", help="a grid file (.toml, .json or .yaml)")
     run.add_argument("--out", type=Path, default=None, help="results folder (default: runs/<grid name>)")
     run.add_argument("--workers", type=int, default=None,
-                     help="runs in parallel, each in its own process (default: see README)")
+                     help="runs in parallel, each in its own process (default: see docs/experiments.md)")
     run.add_argument("--threads", type=int, default=None,
                      help="torch threads per worker (default: cores // workers)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "a machine that is gone: a local lock dies with its process)")
     run.add_argument("--tensorboard", action="store_true",
                      help="log every metric to OUT/tensorboard (needs the 'tensorboard' extra)")
-    ray = run.add_argument_group("executor", "where the runs execute (README: 'Running on a Ray cluster')")
+    ray = run.add_argument_group("executor", "where the runs execute (docs/ray.md)")
     ray.add_argument("--executor", choices=("local", "ray"), default="local",
                      help="local worker processes (default) or one Ray task per run (needs the 'ray' extra)")
     ray.add_argument("--address", default=None,
@@ -63,7 +63,8 @@ def load_grid(args):
 
 
 def default_workers(n_runs: int) -> int:
-    """Measured on 2 cores (README): independent single-threaded runs beat one run using both cores."""
+    """Measured on 2 cores (docs/experiments.md): independent single-threaded runs beat one run using both
+    cores."""
     from ..experiments.local import cpu_count
 
     return max(1, min(cpu_count(), n_runs))

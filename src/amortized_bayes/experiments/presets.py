@@ -1,4 +1,4 @@
-"""The named grids of SPEC §6. Values of ``quick`` were chosen by measurement (see the README)."""
+"""The named grids of SPEC §6. Values of ``quick`` were chosen by measurement (see docs/experiments.md)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ QUICK = Grid(
         "MNIST, N = 1,000 images binarised at 0.5 with a Bernoulli likelihood, A-VI k = 1, 64, 256, "
         "F-VI, constant-VI and SA-VI (k = 64, K = 5 refinement steps of 0.1), full batch, Adam 3e-3, "
         "1,000 epochs, 2 seeds; q(theta) starts at "
-        "log sd -5. Chosen by measurement (README): with the Gaussian likelihood of variance 1 (or 0.1) "
+        "log sd -5. Chosen by measurement (docs/experiments.md): with the Gaussian likelihood of variance 1 "
+        "(or 0.1) "
         "the posterior of z collapses and every family looks alike, and with q(theta)'s default log sd "
         "-2 the decoder is mostly noise for the first thousand steps."
     ),
