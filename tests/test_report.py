@@ -87,11 +87,12 @@ def _direct_medians(out, family_name):
                                            ("constant", "constant-VI")])
 def test_table_numbers_equal_a_direct_computation(built, family, label):
     table = dataset_table(load_results(built), "mnist")
-    row = table["rows"][label]
+    row = table.rows[label]
+    assert row.method.family == family and row.method == label
     elbo, mse, secs = _direct_medians(built, family)
-    assert row["neg_elbo_per_image"] == pytest.approx(elbo, rel=1e-12)
-    assert row["train_mse"] == pytest.approx(mse, rel=1e-12)
-    assert row["seconds_to_tol"] == pytest.approx(secs, rel=1e-12) or (math.isinf(secs) and math.isinf(row["seconds_to_tol"]))
+    assert row.neg_elbo_per_image == pytest.approx(elbo, rel=1e-12)
+    assert row.train_mse == pytest.approx(mse, rel=1e-12)
+    assert row.seconds_to_tol == pytest.approx(secs, rel=1e-12) or (math.isinf(secs) and math.isinf(row.seconds_to_tol))
     md = (built / "report" / "report.md").read_text()
     line = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
     assert f"{elbo:.2f}" in line and f"{mse:.4f}" in line
@@ -157,15 +158,24 @@ def test_report_html_renders_in_headless_chromium_without_console_errors(built, 
 
 def test_legacy_objective_rows_are_compared_with_the_legacy_f_vi_row(built):
     """Runs of the legacy-2024 objective carry a suffix in their labels; their A-VI rows must still be
-    compared with F-VI of the same objective (and give the same ratios as the unsuffixed table)."""
+    compared with F-VI of the same objective (and give the same ratios as the unsuffixed table). The
+    method is read from each run's config, not from the group's key."""
+    from dataclasses import replace
+
     results = load_results(built)
     plain = dataset_table(results, "mnist")
-    results.groups["mnist"] = {f"{label} (legacy-2024)": runs for label, runs in results.groups["mnist"].items()}
+    for runs in results.groups["mnist"].values():
+        for run in runs:
+            run.config = replace(run.config, objective=replace(run.config.objective, kind="legacy-2024",
+                                                               estimator="mc"))
     legacy = dataset_table(results, "mnist")
-    assert set(legacy["comparisons"]) == {"A-VI k=16 (legacy-2024)"}
-    assert legacy["comparisons"]["A-VI k=16 (legacy-2024)"]["elbo_ratio"] == plain["comparisons"]["A-VI k=16"]["elbo_ratio"]
-    assert [v["verdict"] for v in legacy["verdicts"]] == ["not testable"] * 2  # k = 16 < 64, as unsuffixed
-    assert [v["verdict"] for v in plain["verdicts"]] == ["not testable"] * 2
+    assert set(legacy.comparisons) == {"A-VI k=16 (legacy-2024)"}
+    (method,) = legacy.comparisons
+    assert (method.family, method.width, method.objective) == ("amortized", 16, "legacy-2024")
+    assert legacy.comparisons[method].fvi == "F-VI (legacy-2024)"
+    assert legacy.comparisons[method].elbo_ratio == plain.comparisons["A-VI k=16"].elbo_ratio
+    assert [v.verdict for v in legacy.verdicts] == ["not testable"] * 2  # k = 16 < 64, as unsuffixed
+    assert [v.verdict for v in plain.verdicts] == ["not testable"] * 2
 
 
 def test_report_of_a_folder_kept_without_models(built, tmp_path):
@@ -195,15 +205,15 @@ def test_a_tolerance_set_at_report_time_changes_only_the_crossings(built, tmp_pa
     # A tolerance some runs meet during training: the largest final train MSE over all runs.
     loose = max(e[-1]["train_mse"] for runs in evals.values() for e in runs)
     table = dataset_table(with_tolerance(results, "train_mse", loose), "mnist")
-    for label, row in table["rows"].items():
-        for seed_row, run_evals in zip(row["per_seed"], evals[label]):
+    for label, row in table.rows.items():
+        for seed_row, run_evals in zip(row.per_seed, evals[label]):
             crossing = iterations_to_tolerance(run_evals, "train_mse", loose)
-            assert crossing is not None and seed_row["epochs_to_tol"] == crossing["epoch"]
+            assert crossing is not None and seed_row.epochs_to_tol == crossing["epoch"]
     base = dataset_table(results, "mnist")
-    assert base["tolerance"] == 0.105 and table["tolerance"] == loose
-    for label in base["rows"]:
+    assert base.tolerance == 0.105 and table.tolerance == loose
+    for label in base.rows:
         for key in ("neg_elbo_per_image", "train_mse", "test_mse"):
-            assert table["rows"][label][key] == base["rows"][label][key]
+            assert getattr(table.rows[label], key) == getattr(base.rows[label], key)
     with pytest.raises(ValueError, match="metric"):
         with_tolerance(results, "neg_elbo", 1.0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from amortized_bayes.analysis import (Crossing, Results, RunData, censored_median, dataset_table, first_crossing,
+from amortized_bayes.analysis import (Crossing, Results, RunData, Verdict, censored_median, dataset_table, first_crossing,
                                       speedup)
 from amortized_bayes.config import FamilyConfig, family_config, RunConfig, TrainConfig
 
@@ -91,9 +91,9 @@ def _results(fvi_curves, avi_curves, fvi_elbo=100.0, avi_elbo=100.0) -> Results:
     return results
 
 
-def _speed_verdict(results: Results) -> dict:
+def _speed_verdict(results: Results) -> Verdict:
     table = dataset_table(results, "mnist")
-    return next(v for v in table["verdicts"] if v["claim"] == "A-VI is 2-3x faster than F-VI")
+    return next(v for v in table.verdicts if v.claim == "A-VI is 2-3x faster than F-VI")
 
 
 def test_fvi_seed_that_reached_first_cannot_make_the_claim_supported():
@@ -102,23 +102,23 @@ def test_fvi_seed_that_reached_first_cannot_make_the_claim_supported():
     fvi = [[(0, 0.0, 0.2), (10, 1.0, 0.04), (30, 3.0, 0.03)], [(0, 0.0, 0.2), (10, 1.0, 0.08), (30, 3.0, 0.06)]]
     avi = [[(0, 0.0, 0.2), (20, 2.0, 0.04), (30, 3.0, 0.03)]] * 2
     verdict = _speed_verdict(_results(fvi, avi))
-    assert verdict["verdict"] == "not supported"
-    assert "at least 1.00x" in verdict["why"]
+    assert verdict.verdict == "not supported"
+    assert "at least 1.00x" in verdict.why
 
 
 def test_each_speed_verdict_branch():
     reach = lambda t: [(0, 0.0, 0.2), (10, t, 0.04)]  # noqa: E731 - reaches 0.05 at t seconds
     stall = lambda t: [(0, 0.0, 0.2), (10, t, 0.08)]  # noqa: E731 - never reaches it, ran t seconds
-    assert _speed_verdict(_results([reach(10), reach(11)], [reach(2), reach(2.2)]))["verdict"] == "supported"
-    assert _speed_verdict(_results([reach(3), reach(3.2)], [reach(2), reach(2.2)]))["verdict"].startswith(
+    assert _speed_verdict(_results([reach(10), reach(11)], [reach(2), reach(2.2)])).verdict == "supported"
+    assert _speed_verdict(_results([reach(3), reach(3.2)], [reach(2), reach(2.2)])).verdict.startswith(
         "partly supported")
-    assert _speed_verdict(_results([reach(2), reach(2.2)], [reach(3), reach(3.2)]))["verdict"] == "not supported"
-    assert _speed_verdict(_results([stall(2), stall(2)], [stall(3), stall(3)]))["verdict"] == "not testable"
+    assert _speed_verdict(_results([reach(2), reach(2.2)], [reach(3), reach(3.2)])).verdict == "not supported"
+    assert _speed_verdict(_results([stall(2), stall(2)], [stall(3), stall(3)])).verdict == "not testable"
     # F-VI censored late enough that even its lower bound is over 2x A-VI's: supported, and says "at least".
     verdict = _speed_verdict(_results([stall(50), stall(60)], [reach(2), reach(2.5)]))
-    assert verdict["verdict"] == "supported" and "at least" in verdict["why"]
+    assert verdict.verdict == "supported" and "at least" in verdict.why
     # A-VI censored where F-VI reached: not supported.
-    assert _speed_verdict(_results([reach(2), reach(2)], [stall(9), stall(9)]))["verdict"] == "not supported"
+    assert _speed_verdict(_results([reach(2), reach(2)], [stall(9), stall(9)])).verdict == "not supported"
 
 
 def test_elbo_verdict_branches():
@@ -126,7 +126,7 @@ def test_elbo_verdict_branches():
 
     def elbo_verdict(fvi_elbo, avi_elbo):
         table = dataset_table(_results([curve, curve], [curve, curve], fvi_elbo, avi_elbo), "mnist")
-        return table["verdicts"][0]["verdict"]
+        return table.verdicts[0].verdict
 
     assert elbo_verdict(100.0, 100.5) == "supported"  # within 1%
     assert elbo_verdict(100.0, 105.0) == "not supported"  # 5% worse
@@ -137,7 +137,7 @@ def test_a_single_seed_verdict_says_it_has_no_interval():
     reach = [(0, 0.0, 0.2), (10, 10.0, 0.04)]
     fast = [(0, 0.0, 0.2), (10, 2.0, 0.04)]
     verdict = _speed_verdict(_results([reach], [fast]))
-    assert verdict["verdict"] == "supported on one seed (no interval)"
+    assert verdict.verdict == "supported on one seed (no interval)"
 
 
 def test_one_seed_each_prints_no_interval_instead_of_a_point_as_one():

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from amortized_bayes.analysis import (censored_median, dataset_table, describe_ratio, first_crossing, gap_table, load_results,
-                                      method_order, speedup)
+from amortized_bayes.analysis import (AVI, FVI, censored_median, dataset_table, describe_ratio, first_crossing, gap_table,
+                                      load_results, methods_of, speedup)
 
 DATASETS = ("mnist", "fashion-mnist")
 NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST"}
@@ -30,12 +30,12 @@ def final_table(results) -> list[str]:
         if dataset not in results.groups:
             continue
         table = dataset_table(results, dataset)
-        for label, row in table["rows"].items():
-            cmp = table["comparisons"].get(label)
-            ratios = (f"{describe_ratio(cmp['elbo_ratio'], cmp['elbo_ratio_ci'], cmp['seeds'])} | "
-                      f"{describe_ratio(cmp['mse_ratio'], cmp['mse_ratio_ci'], cmp['seeds'])}") if cmp else " | "
-            lines.append(f"| {NAMES[dataset]} | {label} | {row['neg_elbo_per_image']:.2f} | {row['train_mse']:.4f} | "
-                         f"{row['test_mse']:.4f} | {1e3 * row['seconds_per_step']:.1f} | {ratios} |")
+        for method, row in table.rows.items():
+            cmp = table.comparisons.get(method)
+            ratios = (f"{describe_ratio(cmp.elbo_ratio, cmp.elbo_ratio_ci, cmp.seeds)} | "
+                      f"{describe_ratio(cmp.mse_ratio, cmp.mse_ratio_ci, cmp.seeds)}") if cmp else " | "
+            lines.append(f"| {NAMES[dataset]} | {method} | {row.neg_elbo_per_image:.2f} | {row.train_mse:.4f} | "
+                         f"{row.test_mse:.4f} | {1e3 * row.seconds_per_step:.1f} | {ratios} |")
     return lines
 
 
@@ -50,7 +50,7 @@ def trajectory_table(results, key: str, scale_by_n: bool, epochs: list[int], dig
     lines = ["| dataset | method | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
              "|---|---|" + "---|" * len(epochs)]
     for dataset in DATASETS:
-        for label, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+        for label, runs in methods_of(results.groups.get(dataset, {})):
             cells = []
             for epoch in epochs:
                 values = [_at_epoch(r.curve(key), epoch, key) / (r.n if scale_by_n else 1) for r in runs]
@@ -80,13 +80,13 @@ def tolerance_table(results, tolerances: list[float]) -> list[str]:
              "speed-up vs F-VI, epochs (95% CI) | speed-up vs F-VI, seconds (95% CI) |",
              "|---|---|---|---|---|---|---|"]
     for dataset in DATASETS:
-        groups = results.groups.get(dataset, {})
-        fvi = next((runs for label, runs in groups.items() if label.startswith("F-VI")), None)
+        methods = methods_of(results.groups.get(dataset, {}))
+        fvi = {m.objective: runs for m, runs in methods if m.family == FVI}  # A-VI against F-VI of its objective
         for tol in tolerances:
-            f_cross = _crossings(fvi, tol) if fvi else []
-            for label, runs in sorted(groups.items(), key=lambda kv: method_order(kv[0])):
+            for label, runs in methods:
                 cross = _crossings(runs, tol)
-                if label.startswith("A-VI") and f_cross and cross:
+                f_cross = _crossings(fvi[label.objective], tol) if label.objective in fvi else []
+                if label.family == AVI and f_cross and cross:
                     speed = (f"{speedup(f_cross, cross, 'epochs').describe()} | "
                              f"{speedup(f_cross, cross, 'seconds').describe()}")
                 else:

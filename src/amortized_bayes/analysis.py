@@ -30,23 +30,57 @@ def iterations_to_tolerance(evals: list[dict], metric: str, tol: float) -> dict 
     return None
 
 
-def method_label(config) -> str:
-    """The curve a run belongs to: the family's label (with its width) and the objective when not the
-    ELBO."""
+class Method(str):
+    """The curve a run belongs to, read from its config: the family (its registered name, its title
+    and its encoder's width, None without one), the objective, and where it goes in tables. It *is* its
+    label (``"A-VI k=64"``, ``"F-VI (legacy-2024)"``), so it keys tables and names figure legends, but
+    nothing is ever parsed back from that text."""
+
+    family: str
+    width: int | None
+    objective: str
+    rank: int
+
+    def __new__(cls, label: str, *, family: str, width: int | None, objective: str, rank: int) -> Method:
+        method = super().__new__(cls, label)
+        method.family, method.width, method.objective, method.rank = family, width, objective, rank
+        return method
+
+    def __reduce__(self):
+        return (_method, (str(self), self.family, self.width, self.objective, self.rank))
+
+    @property
+    def order(self) -> tuple:
+        """Sort key: family rank (A-VI, SA-VI, F-VI, constant-VI, then others), width, label."""
+        return (self.rank, self.width or 0, str(self))
+
+
+def _method(label, family, width, objective, rank) -> Method:
+    return Method(label, family=family, width=width, objective=objective, rank=rank)
+
+
+def method_of(config: RunConfig) -> Method:
+    """The :class:`Method` of a run's config."""
     from .families import get_family
 
-    label = get_family(config.family.name).label(config.family)
+    family = get_family(config.family.name)
+    label = family.label(config.family)
     if config.objective.kind != "elbo":
         label += f" ({config.objective.kind})"
-    return label
+    return Method(label, family=config.family.name, width=family.encoder_width(config.family),
+                  objective=config.objective.kind, rank=family.rank)
 
 
-def method_order(label: str) -> tuple:
-    for rank, prefix in enumerate(("A-VI", "SA-VI", "F-VI", "constant-VI")):
-        if label.startswith(prefix):
-            digits = "".join(ch for ch in label.split("k=")[-1].split()[0] if ch.isdigit()) if "k=" in label else "0"
-            return (rank, int(digits or 0), label)
-    return (9, 0, label)
+def method_label(config: RunConfig) -> Method:
+    """The curve a run belongs to (see :class:`Method`)."""
+    return method_of(config)
+
+
+def methods_of(by_method: dict[str, list[RunData]]) -> list[tuple[Method, list[RunData]]]:
+    """A dataset's groups as (:class:`Method`, runs) in table order; each method read from the config of
+    its first run (so a group keyed by a plain string still has its family, width and objective)."""
+    pairs = [(method_of(runs[0].config), runs) for runs in by_method.values() if runs]
+    return sorted(pairs, key=lambda pair: pair[0].order)
 
 
 @dataclass
@@ -265,85 +299,164 @@ def _quantile(values: list[float], q: float) -> float:
     return value
 
 
-def method_summary(runs: list[RunData], metric: str, tol: float | None) -> dict:
-    """Per-seed final values and their medians for one method. Times to tolerance: per seed, the
-    :class:`Crossing` and (None when never reached) epochs and seconds; per method, the median with
-    seeds that never reached it as infinitely late (``epochs_to_tol``) and censored at their last
-    evaluation (``epochs_to_tol_lower``: the median took at least this long)."""
+@dataclass(frozen=True)
+class SeedRow:
+    """One seed's final numbers and its :class:`Crossing` of the tolerance (None without a tolerance)."""
+
+    seed: int
+    neg_elbo_per_image: float
+    train_mse: float
+    test_mse: float
+    seconds_per_step: float
+    test_inference_seconds: float
+    crossing: Crossing | None
+
+    @property
+    def epochs_to_tol(self) -> float | None:
+        """Epochs to the tolerance; None when never reached."""
+        return self.crossing.epochs if self.crossing is not None and self.crossing.reached else None
+
+    @property
+    def seconds_to_tol(self) -> float | None:
+        return self.crossing.seconds if self.crossing is not None and self.crossing.reached else None
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method's row of a dataset's table: per-seed rows and their medians. Times to tolerance:
+    the median with seeds that never reached it as infinitely late (``epochs_to_tol``), and censored
+    at their last evaluation (``epochs_to_tol_lower``: the median took at least this long)."""
+
+    method: Method
+    per_seed: tuple[SeedRow, ...]
+    neg_elbo_per_image: float
+    train_mse: float
+    test_mse: float
+    seconds_per_step: float
+    test_inference_seconds: float
+    epochs_to_tol: float
+    epochs_to_tol_lower: float
+    epochs_to_tol_reached: int
+    seconds_to_tol: float
+    seconds_to_tol_lower: float
+    seconds_to_tol_reached: int
+
+    @property
+    def seeds(self) -> int:
+        return len(self.per_seed)
+
+
+def method_summary(runs: list[RunData], metric: str, tol: float | None, method: Method | None = None) -> MethodRow:
+    """The :class:`MethodRow` of one method's runs (its seeds)."""
     per_seed = []
     for r in runs:
         final = r.evals[-1] if r.evals else {}
-        crossing = first_crossing(r.curve(metric), metric, tol) if tol is not None else None
-        reached = crossing is not None and crossing.reached
-        per_seed.append({
-            "seed": r.seed,
-            "neg_elbo_per_image": final.get("neg_elbo", math.nan) / r.n,
-            "train_mse": final.get("train_mse", math.nan),
-            "test_mse": final.get("test_mse", math.nan),
-            "seconds_per_step": r.summary.get("seconds_per_step") or math.nan,
-            "crossing": crossing,
-            "epochs_to_tol": crossing.epochs if crossing is not None and reached else None,
-            "seconds_to_tol": crossing.seconds if crossing is not None and reached else None,
-            "test_inference_seconds": final.get("test_inference_seconds", math.nan),
-        })
-    out = {"seeds": len(runs), "per_seed": per_seed}
-    for key in ("neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step", "test_inference_seconds"):
-        out[key] = float(np.median([s[key] for s in per_seed]))
-    crossings = [s["crossing"] for s in per_seed if s["crossing"] is not None]
+        per_seed.append(SeedRow(
+            seed=r.seed,
+            neg_elbo_per_image=final.get("neg_elbo", math.nan) / r.n,
+            train_mse=final.get("train_mse", math.nan),
+            test_mse=final.get("test_mse", math.nan),
+            seconds_per_step=r.summary.get("seconds_per_step") or math.nan,
+            test_inference_seconds=final.get("test_inference_seconds", math.nan),
+            crossing=first_crossing(r.curve(metric), metric, tol) if tol is not None else None,
+        ))
+    medians: dict = {key: float(np.median([getattr(s, key) for s in per_seed])) for key in
+               ("neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step", "test_inference_seconds")}
+    crossings = [s.crossing for s in per_seed if s.crossing is not None]
+    times: dict = {}
     for key, unit in (("epochs_to_tol", "epochs"), ("seconds_to_tol", "seconds")):
-        out[f"{key}_reached"] = sum(s[key] is not None for s in per_seed)
+        times[f"{key}_reached"] = sum(getattr(s, key) is not None for s in per_seed)
         if crossings:
             lower, upper = censored_median([getattr(c, unit) for c in crossings], [c.reached for c in crossings])
         else:
             lower = upper = math.nan
-        out[key], out[f"{key}_lower"] = upper, lower
-    return out
+        times[key], times[f"{key}_lower"] = upper, lower
+    return MethodRow(method=method if method is not None else method_of(runs[0].config), per_seed=tuple(per_seed),
+                     **medians, **times)
 
 
-def dataset_table(results: Results, dataset: str) -> dict:
-    """The summary table of one dataset: per method, medians over seeds; A-VI vs F-VI ratios with
-    bootstrap CIs; the speed-up to tolerance in seconds (``speedup``) and epochs (``speedup_epochs``),
-    as :class:`SpeedUp`; and the verdicts."""
+@dataclass(frozen=True)
+class Comparison:
+    """A-VI (``avi``) against F-VI of the same objective (``fvi``): ratios of medians over seeds with
+    bootstrap intervals, and the speed-ups to tolerance (None without a tolerance or a crossing)."""
+
+    avi: Method
+    fvi: Method
+    elbo_ratio: float
+    elbo_ratio_ci: tuple[float, float]
+    mse_ratio: float
+    mse_ratio_ci: tuple[float, float]
+    step_time_ratio: float
+    seeds: int  # the larger of the two seed counts
+    speedup: SpeedUp | None = None
+    speedup_epochs: SpeedUp | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim of the original study, the verdict on it and why, in plain language."""
+
+    claim: str
+    verdict: str
+    why: str
+
+
+@dataclass
+class DatasetTable:
+    """Everything the report says about one dataset: rows and comparisons keyed by :class:`Method`
+    (in table order), the verdicts, and, once the report adds them, the gap table and a note."""
+
+    dataset: str
+    metric: str
+    tolerance: float | None
+    rows: dict[Method, MethodRow]
+    comparisons: dict[Method, Comparison]
+    verdicts: list[Verdict]
+    gaps: dict = field(default_factory=dict)
+    note: str | None = None
+
+
+AVI, FVI = "amortized", "factorized"  # the two families the study's claims compare
+
+
+def dataset_table(results: Results, dataset: str) -> DatasetTable:
+    """The summary table of one dataset: per method, medians over seeds; each A-VI row against the F-VI
+    row of the same objective, with bootstrap CIs and the speed-ups to tolerance in seconds and epochs;
+    and the verdicts."""
     metric, tol = results.tolerance(dataset)
-    by_method = results.groups.get(dataset, {})
-    rows = {label: method_summary(runs, metric, tol) for label, runs in
-            sorted(by_method.items(), key=lambda kv: method_order(kv[0]))}
+    rows = {m: method_summary(runs, metric, tol, m) for m, runs in methods_of(results.groups.get(dataset, {}))}
+    fvi_rows = {m.objective: row for m, row in rows.items() if m.family == FVI}
     comparisons = {}
-    for label, row in rows.items():
-        # Each A-VI row is compared with the F-VI row of the same objective ("F-VI" or "F-VI (legacy-2024)").
-        suffix = label[label.index(" ("):] if " (" in label else ""
-        fvi = rows.get("F-VI" + suffix)
-        if fvi is None or not label.startswith("A-VI"):
+    for method, row in rows.items():
+        fvi = fvi_rows.get(method.objective)
+        if fvi is None or method.family != AVI:
             continue
-        f = fvi["per_seed"]
-        a = row["per_seed"]
-        cmp = {
-            "elbo_ratio": row["neg_elbo_per_image"] / fvi["neg_elbo_per_image"],
-            "elbo_ratio_ci": bootstrap_ratio_ci([s["neg_elbo_per_image"] for s in a],
-                                                [s["neg_elbo_per_image"] for s in f]),
-            "mse_ratio": row["train_mse"] / fvi["train_mse"],
-            "mse_ratio_ci": bootstrap_ratio_ci([s["train_mse"] for s in a], [s["train_mse"] for s in f]),
-            "step_time_ratio": row["seconds_per_step"] / fvi["seconds_per_step"],
-            "seeds": max(len(a), len(f)),
-        }
-        fc = [s["crossing"] for s in f if s["crossing"] is not None]
-        ac = [s["crossing"] for s in a if s["crossing"] is not None]
-        if tol is not None and fc and ac:
-            cmp["speedup"] = speedup(fc, ac, "seconds")
-            cmp["speedup_epochs"] = speedup(fc, ac, "epochs")
-        comparisons[label] = cmp
-    return {"dataset": dataset, "metric": metric, "tolerance": tol, "rows": rows, "comparisons": comparisons,
-            "verdicts": verdicts(rows, comparisons, metric, tol)}
+        f, a = fvi.per_seed, row.per_seed
+        fc = [s.crossing for s in f if s.crossing is not None]
+        ac = [s.crossing for s in a if s.crossing is not None]
+        timed = tol is not None and fc and ac
+        comparisons[method] = Comparison(
+            avi=method, fvi=fvi.method,
+            elbo_ratio=row.neg_elbo_per_image / fvi.neg_elbo_per_image,
+            elbo_ratio_ci=bootstrap_ratio_ci([s.neg_elbo_per_image for s in a], [s.neg_elbo_per_image for s in f]),
+            mse_ratio=row.train_mse / fvi.train_mse,
+            mse_ratio_ci=bootstrap_ratio_ci([s.train_mse for s in a], [s.train_mse for s in f]),
+            step_time_ratio=row.seconds_per_step / fvi.seconds_per_step,
+            seeds=max(len(a), len(f)),
+            speedup=speedup(fc, ac, "seconds") if timed else None,
+            speedup_epochs=speedup(fc, ac, "epochs") if timed else None,
+        )
+    return DatasetTable(dataset, metric, tol, rows, comparisons, verdicts(rows, comparisons, metric, tol))
 
 
 GAP_KEYS = ("amortization_gap", "approximation_gap", "approximation_gap_ais")
 
 
 def gap_table(results: Results, dataset: str) -> dict:
-    """Per method and split: the median over seeds of each run's mean gap (nats per image), its range
-    over seeds, and the local-optimisation costs; only methods with at least one measured run."""
+    """Per :class:`Method` and split: the median over seeds of each run's mean gap (nats per image),
+    its range over seeds, and the local-optimisation costs; only methods with at least one measured run."""
     table = {}
-    for label, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+    for method, runs in methods_of(results.groups.get(dataset, {})):
         measured = [r.gap for r in runs if r.gap]
         if not measured:
             continue
@@ -366,46 +479,39 @@ def gap_table(results: Results, dataset: str) -> dict:
             cell["q_star_seconds_from_prior"] = float(
                 np.median([s["q_star_cost_from_prior"]["seconds"] for s in per_run]))
             row["splits"][split] = cell
-        table[label] = row
+        table[method] = row
     return table
 
 
-def encoder_width(label: str) -> int:
-    """k of an 'A-VI k=..' or 'SA-VI k=..' label; 0 for the others."""
-    try:
-        return int(label.split("k=")[1].split()[0])
-    except (IndexError, ValueError):
-        return 0
+WIDE = 64  # the claims are about A-VI with k >= 64
 
 
-def verdicts(rows: dict, comparisons: dict, metric: str, tol) -> list[dict]:
+def verdicts(rows: dict[Method, MethodRow], comparisons: dict[Method, Comparison], metric: str, tol) -> list[Verdict]:
     """One plain-language verdict per claim of the original study, computed from the table."""
     out = []
-    wide = {k: v for k, v in comparisons.items() if encoder_width(k) >= 64}
-    if not any(label.split(" (")[0] == "F-VI" for label in rows) or not wide:
-        out.append({"claim": "A-VI with k >= 64 reaches F-VI's ELBO and MSE", "verdict": "not testable",
-                    "why": "the grid needs F-VI and A-VI with k >= 64"})
-        out.append({"claim": "A-VI is 2-3x faster than F-VI", "verdict": "not testable",
-                    "why": "the grid needs F-VI and A-VI with k >= 64"})
-        return out
+    wide = {m: c for m, c in comparisons.items() if (m.width or 0) >= WIDE}
+    if not any(m.family == FVI for m in rows) or not wide:
+        why = "the grid needs F-VI and A-VI with k >= 64"
+        return [Verdict("A-VI with k >= 64 reaches F-VI's ELBO and MSE", "not testable", why),
+                Verdict("A-VI is 2-3x faster than F-VI", "not testable", why)]
     parts, ok = [], []
-    for label, c in wide.items():
-        elbo_ok = c["elbo_ratio_ci"][0] <= 1 + ELBO_MARGIN
-        mse_ok = c["mse_ratio"] <= 1 + MSE_MARGIN
+    for method, c in wide.items():
+        elbo_ok = c.elbo_ratio_ci[0] <= 1 + ELBO_MARGIN
+        mse_ok = c.mse_ratio <= 1 + MSE_MARGIN
         ok.append(elbo_ok and mse_ok)
-        parts.append(f"{label}: -ELBO {describe_ratio(c['elbo_ratio'], c['elbo_ratio_ci'], c['seeds'])} times "
-                     f"F-VI's, train MSE {c['mse_ratio']:.2f}x")
+        parts.append(f"{method}: -ELBO {describe_ratio(c.elbo_ratio, c.elbo_ratio_ci, c.seeds)} times "
+                     f"F-VI's, train MSE {c.mse_ratio:.2f}x")
     verdict = "supported" if all(ok) else ("partly supported" if any(ok) else "not supported")
-    if min(rows[label]["seeds"] for label in rows if label in wide or label.startswith("F-VI")) < 2:
+    if min(rows[m].seeds for m in rows if m in wide or m.family == FVI) < 2:
         verdict += " on one seed (no interval)"
-    out.append({"claim": "A-VI with k >= 64 reaches F-VI's ELBO and MSE", "verdict": verdict,
-                "why": "; ".join(parts) + f". 'Reaches' means -ELBO within {ELBO_MARGIN:.0%} of F-VI's (CI lower "
-                       f"bound) and train MSE within {MSE_MARGIN:.0%}."})
+    out.append(Verdict("A-VI with k >= 64 reaches F-VI's ELBO and MSE", verdict,
+                       "; ".join(parts) + f". 'Reaches' means -ELBO within {ELBO_MARGIN:.0%} of F-VI's (CI lower "
+                       f"bound) and train MSE within {MSE_MARGIN:.0%}."))
     out.append(speed_verdict(wide, metric, tol))
     return out
 
 
-def speed_verdict(wide: dict, metric: str, tol) -> dict:
+def speed_verdict(wide: dict[Method, Comparison], metric: str, tol) -> Verdict:
     """The verdict on "A-VI is 2-3x faster than F-VI" (in training seconds to ``metric`` <= ``tol``)
     from each wide A-VI's :class:`SpeedUp`. Supported only when every width's 95% interval lies at or
     above 2x; partly supported when every width is faster (the lower bound above 1x) but that is not
@@ -414,15 +520,15 @@ def speed_verdict(wide: dict, metric: str, tol) -> dict:
     never reached the tolerance count as reaching it at their last evaluation for the lower bound."""
     claim = "A-VI is 2-3x faster than F-VI"
     if tol is None:
-        return {"claim": claim, "verdict": "not testable", "why": "the grid states no tolerance for this dataset"}
+        return Verdict(claim, "not testable", "the grid states no tolerance for this dataset")
     parts, known = [], {}
-    for label, c in wide.items():
-        s = c.get("speedup")
+    for method, c in wide.items():
+        s = c.speedup
         if s is None or not s.known:
-            parts.append(f"{label}: neither A-VI's nor F-VI's median reached {metric} <= {tol}")
+            parts.append(f"{method}: neither A-VI's nor F-VI's median reached {metric} <= {tol}")
             continue
-        known[label] = s
-        parts.append(f"{label}: speed-up over F-VI in training seconds to {metric} <= {tol}: {s.describe()}")
+        known[method] = s
+        parts.append(f"{method}: speed-up over F-VI in training seconds to {metric} <= {tol}: {s.describe()}")
     if not known:
         verdict = "not testable"
     elif all(s.ci[0] >= 2 for s in known.values()):
@@ -433,4 +539,4 @@ def speed_verdict(wide: dict, metric: str, tol) -> dict:
         verdict = "not supported"
     if known and min(min(s.seeds) for s in known.values()) < 2:
         verdict += " on one seed (no interval)"
-    return {"claim": claim, "verdict": verdict, "why": "; ".join(parts) + "."}
+    return Verdict(claim, verdict, "; ".join(parts) + ".")

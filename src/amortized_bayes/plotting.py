@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .analysis import Results, encoder_width, method_order  # noqa: E402
+from .analysis import DatasetTable, Method, Results, methods_of  # noqa: E402
 from .data.user_dataset import test_split_size  # noqa: E402
 
 FEW_SEEDS = 5
@@ -23,8 +23,9 @@ PALETTE = [plt.get_cmap("tab10")(i) for i in range(10)]
 
 
 def colours(results: Results) -> dict[str, tuple]:
-    labels = sorted({m for g in results.groups.values() for m in g}, key=method_order)
-    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+    """One colour per method (its label) across every dataset's figures, in table order."""
+    methods = sorted({m for g in results.groups.values() for m, _ in methods_of(g)}, key=lambda m: m.order)
+    return {str(m): PALETTE[i % len(PALETTE)] for i, m in enumerate(methods)}
 
 
 CAPTIONS = {
@@ -81,7 +82,7 @@ def elbo_curves(results: Results, dataset: str, out: Path) -> list[Path]:
     col = colours(results)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     positive = True
-    for label, runs in sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0])):
+    for label, runs in methods_of(results.groups[dataset]):
         length = min(len(r.steps["step"]) for r in runs)
         if length == 0:
             continue
@@ -111,7 +112,7 @@ def mse_curves(results: Results, dataset: str, out: Path) -> list[Path]:
     metric, tol = results.tolerance(dataset)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True, layout="constrained")
     for key, ax in zip(("train_mse", "test_mse"), axes):
-        for label, runs in sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0])):
+        for label, runs in methods_of(results.groups[dataset]):
             curves = [r.curve(key) for r in runs]
             length = min(len(c) for c in curves)
             if length == 0:
@@ -128,13 +129,13 @@ def mse_curves(results: Results, dataset: str, out: Path) -> list[Path]:
     return _save(fig, out, f"{dataset}-mse")
 
 
-def tolerance_boxes(results: Results, dataset: str, out: Path, table: dict) -> list[Path]:
+def tolerance_boxes(results: Results, dataset: str, out: Path, table: DatasetTable) -> list[Path]:
     """Epochs and seconds to tolerance per method; seeds that never reach it are shown as such."""
     col = colours(results)
-    labels = list(table["rows"])
+    labels = list(table.rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     for key, ax, unit in (("epochs_to_tol", axes[0], "epochs"), ("seconds_to_tol", axes[1], "training seconds")):
-        reached = [[s[key] for s in table["rows"][m]["per_seed"] if s[key] is not None] for m in labels]
+        reached = [[getattr(s, key) for s in table.rows[m].per_seed if getattr(s, key) is not None] for m in labels]
         finite = [v for vals in reached for v in vals]
         top = max(finite) * 1.15 if finite else 1.0
         for i, (m, vals) in enumerate(zip(labels, reached)):
@@ -142,15 +143,15 @@ def tolerance_boxes(results: Results, dataset: str, out: Path, table: dict) -> l
                 ax.boxplot([vals], positions=[i], widths=0.5, patch_artist=True,
                            boxprops={"facecolor": col[m], "alpha": 0.5}, medianprops={"color": "black"})
                 ax.scatter([i] * len(vals), vals, color=col[m], s=12, zorder=3)
-            never = table["rows"][m]["seeds"] - len(vals)
+            never = table.rows[m].seeds - len(vals)
             if never:
                 ax.scatter([i], [top], marker="x", color=col[m], s=40, zorder=3)
-                ax.annotate(f"never\n({never}/{table['rows'][m]['seeds']})", (i, top), ha="center", va="bottom",
+                ax.annotate(f"never\n({never}/{table.rows[m].seeds})", (i, top), ha="center", va="bottom",
                             fontsize=7, xytext=(0, 4), textcoords="offset points")
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, top * 1.25)
-        ax.set_ylabel(f"{unit} to {table['metric']} <= {table['tolerance']}")
+        ax.set_ylabel(f"{unit} to {table.metric} <= {table.tolerance}")
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{dataset}: time to tolerance")
     return _save(fig, out, f"{dataset}-tolerance")
@@ -161,7 +162,7 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     from .checkpoint import load_fit
     from .data import load_split
 
-    methods = sorted(results.groups[dataset].items(), key=lambda kv: method_order(kv[0]))
+    methods = methods_of(results.groups[dataset])
     first = methods[0][1][0].config.data
     # The first images of the run's own training subset: rows 0..count-1 of its F-VI factors.
     # A file dataset may hold fewer images than a row shows: both rows then show as many as both splits have.
@@ -172,15 +173,15 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     test = load_split(first.dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1,
                       sha256=first.file_sha256).images
     height, width = first.image_shape
-    rows = [("original", train, test)]
-    for label, runs in methods:
+    rows: list[tuple[str, torch.Tensor, torch.Tensor]] = [("original", train, test)]
+    for method, runs in methods:
         fitted = load_fit(runs[0].path / "model.pt")
         with torch.no_grad():
             mu_train = fitted.family.local_params(train, torch.arange(count), None)[0] \
                 if not fitted.family.amortized else fitted.infer(train).mu
         mu_test = fitted.infer(test, torch.Generator().manual_seed(0)).mu
         with torch.no_grad():
-            rows.append((label, fitted.model.reconstruct(mu_train), fitted.model.reconstruct(mu_test)))
+            rows.append((str(method), fitted.model.reconstruct(mu_train), fitted.model.reconstruct(mu_test)))
     fig, axes = plt.subplots(len(rows), 2, figsize=(2 * count * 0.55 + 1.5, len(rows) * 0.75 + 0.6))
     for r, (label, tr, te) in enumerate(rows):
         for c, images in enumerate((tr, te)):
@@ -197,21 +198,22 @@ def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -
     return _save(fig, out, f"{dataset}-reconstructions")
 
 
-def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Path]:
+def gap_figure(results: Results, dataset: str, out: Path, gaps: dict[Method, dict]) -> list[Path]:
     """Left: the amortization gap (nats per image) against encoder width, train and test; the
     non-amortized families as horizontal reference lines. Right: the test images' (else train) mean
     remaining gap to q* after n local Adam steps, from each method's own q (the refinement curve,
     solid) and from the prior (fitting a factorized q from scratch, dashed; first seed only)."""
     col = colours(results)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    widths = {m: encoder_width(m) for m in gaps}
-    amortized = sorted((m for m in gaps if m.startswith("A-VI")), key=lambda m: widths[m])
+    # A-VI as one line over its widths; another family with an encoder as points at its width; a family
+    # without one as a horizontal line.
+    amortized = sorted((m for m in gaps if m.family == "amortized" and m.width), key=lambda m: m.width or 0)
     for split, style in (("train", "o--"), ("test", "s-")):
         xs, ys, lo, hi = [], [], [], []
         for m in amortized:
             cell = gaps[m]["splits"].get(split, {}).get("amortization_gap")
             if cell:
-                xs.append(widths[m])
+                xs.append(m.width)
                 ys.append(cell["median"])
                 lo.append(cell["median"] - cell["min"])
                 hi.append(cell["max"] - cell["median"])
@@ -221,8 +223,8 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
             cell = row["splits"].get(split, {}).get("amortization_gap")
             if not cell or m in amortized:
                 continue
-            if m.startswith("SA-VI"):
-                a1.scatter([widths[m]], [cell["median"]], marker="o" if split == "train" else "s", color=col[m],
+            if m.width:
+                a1.scatter([m.width], [cell["median"]], marker="o" if split == "train" else "s", color=col[m],
                            zorder=3, label=f"{m}, {split}")
             else:
                 a1.axhline(cell["median"], color=col[m], ls="--" if split == "train" else "-", lw=1.2,
@@ -236,7 +238,7 @@ def gap_figure(results: Results, dataset: str, out: Path, gaps: dict) -> list[Pa
     # Legends below the axes: inside, they covered the points they name.
     a1.legend(fontsize=7, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     scratch_drawn = False
-    for m, runs in sorted(results.groups.get(dataset, {}).items(), key=lambda kv: method_order(kv[0])):
+    for m, runs in methods_of(results.groups.get(dataset, {})):
         run = next((r for r in runs if r.gap), None)
         if run is None or run.gap is None:
             continue

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .analysis import dataset_table, describe_ratio, gap_table, load_results, with_tolerance
+from .analysis import (Comparison, DatasetTable, MethodRow, dataset_table, describe_ratio, gap_table, load_results,
+                       with_tolerance)
 from .data.atomic import atomic_write_text
 from .plotting import caption, elbo_curves, gap_figure, mse_curves, reconstructions, tolerance_boxes
 
@@ -26,37 +27,37 @@ def _fmt(value, digits=4) -> str:
     return str(value)
 
 
-def _ratio_cell(comparison: dict, key: str) -> str:
-    if key not in comparison:
+def _ratio_cell(comparison: Comparison | None, key: str) -> str:
+    if comparison is None:
         return ""
-    return describe_ratio(comparison[key], comparison[key + "_ci"], comparison.get("seeds", 2))
+    return describe_ratio(getattr(comparison, key), getattr(comparison, key + "_ci"), comparison.seeds)
 
 
-def _speedup_cell(comparison: dict, key: str) -> str:
-    speed = comparison.get(key)
+def _speedup_cell(comparison: Comparison | None, key: str) -> str:
+    speed = None if comparison is None else getattr(comparison, key)
     return "" if speed is None else speed.describe()
 
 
-def _reached_cell(row: dict, key: str) -> str:
+def _reached_cell(row: MethodRow, key: str) -> str:
     """The median time to tolerance; where seeds that never reached it decide the median, the time
     it took at least (their last evaluation)."""
-    value, lower = row[key], row.get(key + "_lower", math.nan)
+    value, lower = getattr(row, key), getattr(row, key + "_lower")
     text = f">= {_fmt(lower, 4)}" if math.isinf(value) and math.isfinite(lower) else _fmt(value, 4)
-    return f"{text} ({row[key + '_reached']}/{row['seeds']})"
+    return f"{text} ({getattr(row, key + '_reached')}/{row.seeds})"
 
 
-def table_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
     """The summary table as header and string cells (shared by Markdown and HTML)."""
     head = ["method", "seeds", "-ELBO/image (nats)", "train MSE", "test MSE", "ms/step",
             "epochs to tol", "seconds to tol", "test-time inference (s)",
             "-ELBO vs F-VI", "train MSE vs F-VI", "speed-up to tol vs F-VI (seconds)",
             "speed-up to tol vs F-VI (epochs)"]
     rows = []
-    for label, r in table["rows"].items():
-        c = table["comparisons"].get(label, {})
-        rows.append([label, str(r["seeds"]), f"{r['neg_elbo_per_image']:.2f}", f"{r['train_mse']:.4f}",
-                     _fmt(r["test_mse"]), f"{1e3 * r['seconds_per_step']:.1f}", _reached_cell(r, "epochs_to_tol"),
-                     _reached_cell(r, "seconds_to_tol"), _fmt(r["test_inference_seconds"], 3),
+    for method, r in table.rows.items():
+        c = table.comparisons.get(method)
+        rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}", f"{r.train_mse:.4f}",
+                     _fmt(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
+                     _reached_cell(r, "seconds_to_tol"), _fmt(r.test_inference_seconds, 3),
                      _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"),
                      _speedup_cell(c, "speedup"), _speedup_cell(c, "speedup_epochs")])
     return head, rows
@@ -80,9 +81,9 @@ def gap_rows(gaps: dict) -> tuple[list[str], list[list[str]]]:
     head += ["approximation gap (AIS)"] if ais else []
     head += ["local steps to close 90% of the gap", "from scratch to the family's ELBO", "q* from the prior (s)"]
     rows = []
-    for label, row in gaps.items():
+    for method, row in gaps.items():
         for split, c in row["splits"].items():
-            cells = [label, split, str(row["seeds"]), str(c["images"]), _gap_cell(c.get("amortization_gap")),
+            cells = [str(method), split, str(row["seeds"]), str(c["images"]), _gap_cell(c.get("amortization_gap")),
                      _gap_cell(c.get("approximation_gap"))]
             cells += [_gap_cell(c.get("approximation_gap_ais"))] if ais else []
             cells += [_cost_cell(c["refinement_to_90pct_of_gap"]), _cost_cell(c["scratch_to_family_elbo"]),
@@ -114,18 +115,18 @@ def build_report(root: str | Path, *, reconstructions_count: int = 8, tolerance:
     for dataset in sorted(results.groups):
         table = dataset_table(results, dataset)
         figs = [elbo_curves(results, dataset, figures)[0], mse_curves(results, dataset, figures)[0]]
-        if table["tolerance"] is not None:
+        if table.tolerance is not None:
             figs.append(tolerance_boxes(results, dataset, figures, table)[0])
         # Reconstructions need the fitted models; a folder kept without them (model.pt left out to save
         # space, as under results/) still gets every table and the other figures.
         if all((runs[0].path / "model.pt").exists() for runs in results.groups[dataset].values()):
             figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
         else:
-            table["note"] = "Reconstructions left out: this folder does not keep the fitted models (model.pt)."
+            table.note = "Reconstructions left out: this folder does not keep the fitted models (model.pt)."
         gaps = gap_table(results, dataset)
         if gaps:
             figs.append(gap_figure(results, dataset, figures, gaps)[0])
-        table["gaps"] = gaps
+        table.gaps = gaps
         sections.append((dataset, table, figs))
     md = _markdown(results, sections, out)
     atomic_write_text(out / "report.md", md)
@@ -156,19 +157,19 @@ def _preamble(results) -> list[str]:
 def _markdown(results, sections, out: Path) -> str:
     lines = ["# amortized-bayes report", "", *(_preamble(results)), ""]
     for dataset, table, figs in sections:
-        lines += [f"## {dataset}", "", f"Tolerance: {table['metric']} <= {table['tolerance']}", ""]
-        if table.get("note"):
-            lines += [table["note"], ""]
+        lines += [f"## {dataset}", "", f"Tolerance: {table.metric} <= {table.tolerance}", ""]
+        if table.note:
+            lines += [table.note, ""]
         head, rows = table_rows(table)
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         lines += ["", "### Verdicts", ""]
-        for v in table["verdicts"]:
-            lines.append(f"- **{v['claim']}**: {v['verdict']}. {v['why']}")
+        for v in table.verdicts:
+            lines.append(f"- **{v.claim}**: {v.verdict}. {v.why}")
         lines.append("")
-        if table["gaps"]:
-            head, rows = gap_rows(table["gaps"])
-            lines += ["### Amortization gap", "", GAP_NOTE.format(theta=_theta(table["gaps"])), ""]
+        if table.gaps:
+            head, rows = gap_rows(table.gaps)
+            lines += ["### Amortization gap", "", GAP_NOTE.format(theta=_theta(table.gaps)), ""]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(r) + " |" for r in rows]
             lines.append("")
@@ -187,16 +188,16 @@ def _html(results, sections) -> str:
     body += [f"<p>{esc(p).replace('**', '')}</p>" for p in _preamble(results)]
     for dataset, table, figs in sections:
         head, rows = table_rows(table)
-        body.append(f"<h2>{esc(dataset)}</h2><p>Tolerance: {esc(table['metric'])} &le; {esc(table['tolerance'])}</p>")
+        body.append(f"<h2>{esc(dataset)}</h2><p>Tolerance: {esc(table.metric)} &le; {esc(table.tolerance)}</p>")
         body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
         body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
         body.append("</tbody></table><h3>Verdicts</h3><ul>")
-        body += [f"<li><b>{esc(v['claim'])}</b>: <i>{esc(v['verdict'])}</i>. {esc(v['why'])}</li>"
-                 for v in table["verdicts"]]
+        body += [f"<li><b>{esc(v.claim)}</b>: <i>{esc(v.verdict)}</i>. {esc(v.why)}</li>"
+                 for v in table.verdicts]
         body.append("</ul>")
-        if table["gaps"]:
-            head, rows = gap_rows(table["gaps"])
-            body.append(f"<h3>Amortization gap</h3><p>{esc(GAP_NOTE.format(theta=_theta(table['gaps'])))}</p>")
+        if table.gaps:
+            head, rows = gap_rows(table.gaps)
+            body.append(f"<h3>Amortization gap</h3><p>{esc(GAP_NOTE.format(theta=_theta(table.gaps)))}</p>")
             body.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
             body += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
             body.append("</tbody></table>")
