@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from collections.abc import Callable
 
+from .lifecycle import Outcome, RunState, plan_runs
 from .store import ResultStore, RunRecord, now, read_json
 from .worker import BUSY_EXIT
 
@@ -32,14 +32,6 @@ def default_threads(workers: int) -> int:
     return max(1, cpu_count() // max(1, workers))
 
 
-@dataclass
-class Outcome:
-    run_id: str
-    state: str  # done, failed, skipped
-    seconds: float
-    error: str | None = None
-
-
 def run_worker_process(record: RunRecord, store: ResultStore, *, threads: int, checkpoint_seconds: float,
                        tensorboard_dir: str | None) -> Outcome:
     """Run one record in a fresh Python process; its output goes to the run's log.txt."""
@@ -51,21 +43,21 @@ def run_worker_process(record: RunRecord, store: ResultStore, *, threads: int, c
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "PYTHONUNBUFFERED": "1"}
     start = time.time()
-    with open(record.path / "log.txt", "a") as log:
+    with open(record.files.log, "a") as log:
         log.write(f"--- {now()} worker: {' '.join(cmd)}\n")
         log.flush()
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if code == BUSY_EXIT:  # another process holds the run: its status is that process's to write
         return Outcome(record.run_id, "busy", time.time() - start, "another process is running it")
-    status = read_json(record.path / "status.json", {}) or {}
+    status = read_json(record.files.status, {}) or {}
     state = status.get("state")
-    if code != 0 and state not in ("done", "failed"):
+    if code != 0 and state not in (RunState.DONE, RunState.FAILED):
         reason = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        store.update_status(record.path, state="failed", error=f"worker {reason} (interrupted; rerun to resume)",
-                            finished_at=now())
-        state = "failed"
-        status = read_json(record.path / "status.json", {})
-    return Outcome(record.run_id, state or "failed", time.time() - start, status.get("error"))
+        store.update_status(record.path, state=RunState.FAILED,
+                            error=f"worker {reason} (interrupted; rerun to resume)", finished_at=now())
+        state = RunState.FAILED.value
+        status = read_json(record.files.status, {})
+    return Outcome(record.run_id, state or RunState.FAILED.value, time.time() - start, status.get("error"))
 
 
 def run_local(records: list[RunRecord], store: ResultStore, *, workers: int = 1, threads: int | None = None,
@@ -74,14 +66,8 @@ def run_local(records: list[RunRecord], store: ResultStore, *, workers: int = 1,
               on_finish: Callable[[RunRecord, Outcome], None] | None = None) -> list[Outcome]:
     """Run every record not yet done, ``workers`` processes at a time."""
     threads = threads or default_threads(workers)
-    # A run whose lock is held (a worker of another `run`, or one left by a driver that was killed and
-    # has not yet reached its next epoch boundary) is not started here; if its owner takes the lock
-    # between this check and our worker's start, our worker exits as busy.
-    busy = {r.run_id for r in records if r.alive}
-    todo = [r for r in records if r.state != "done" and r.run_id not in busy]
-    outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]
-    outcomes += [Outcome(r.run_id, "busy", 0.0, "a live worker is already running it") for r in records
-                 if r.run_id in busy]
+    plan = plan_runs(records)
+    todo, outcomes = plan.todo, plan.settled()
     lock = threading.Lock()
 
     def one(record: RunRecord) -> Outcome:

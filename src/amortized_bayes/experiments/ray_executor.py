@@ -36,7 +36,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from ..data.atomic import atomic_write_bytes
-from .local import Outcome
+from .lifecycle import Outcome, RunPaths, RunState, plan_runs
 from .store import ResultStore, RunRecord, acquire_run_lock, now, read_json
 
 # What a task sends back: everything a local worker leaves in a run's folder.
@@ -81,12 +81,13 @@ class _CheckpointForwarder(threading.Thread):
     def run(self) -> None:
         seen = None
         while not self.done.wait(self.period):
-            path = self.run_dir / "state.pt"
+            files = RunPaths(self.run_dir)
+            path = files.state
             try:
                 stamp = path.stat().st_mtime_ns
                 if stamp == seen:
                     continue
-                state, status = path.read_bytes(), (self.run_dir / "status.json").read_bytes()
+                state, status = path.read_bytes(), files.status.read_bytes()
             except OSError:
                 continue  # not written yet, or replaced while reading: next time
             seen = stamp
@@ -123,9 +124,9 @@ def execute_task(config: dict, status: dict, state: bytes | None, data, threads:
     with tempfile.TemporaryDirectory(prefix="amortized-bayes-task-") as tmp:
         store = ResultStore(tmp)
         record = store.plan(RunConfig.from_dict(config))
-        write_json(record.path / "status.json", {k: v for k, v in status.items() if k != "state"})
+        write_json(record.files.status, {k: v for k, v in status.items() if k != "state"})
         if state is not None:
-            atomic_write_bytes(record.path / "state.pt", state)
+            atomic_write_bytes(record.files.state, state)
         forwarder = _CheckpointForwarder(record.path, sink, record.run_id) if sink is not None else None
         if forwarder is not None:
             forwarder.start()
@@ -166,8 +167,8 @@ def _write_back(record: RunRecord, result: dict, attempt_log: str) -> None:
     files = dict(result["files"])
     log = files.pop("log.txt", b"")
     if "state.pt" not in files:
-        (record.path / "state.pt").unlink(missing_ok=True)
-    elif _progress(files.get("status.json")) < _progress(read_json(record.path / "status.json", {})):
+        record.files.state.unlink(missing_ok=True)
+    elif _progress(files.get("status.json")) < _progress(read_json(record.files.status, {})):
         files.pop("state.pt")
         files.pop("status.json", None)
     for name, data in files.items():
@@ -198,9 +199,9 @@ def _store_checkpoints(ray, sink, records: dict[str, RunRecord], running: set[st
     for run_id, (state, status) in latest.items():
         if run_id in running and run_id in records:
             path = records[run_id].path
-            if _progress(status) < _progress(read_json(path / "status.json", {})):
+            if _progress(status) < _progress(read_json(RunPaths(path).status, {})):
                 continue  # an older attempt's checkpoint arriving late: never move a run backwards
-            atomic_write_bytes(path / "state.pt", state)
+            atomic_write_bytes(RunPaths(path).state, state)
             progress = {k: v for k, v in json.loads(status).items() if k in ("epochs_done", "steps_done",
                                                                                "train_seconds", "updated_at")}
             ResultStore(path.parent.parent).update_status(path, **progress)
@@ -222,11 +223,8 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
                  configure_logging=True)
     task = ray.remote(execute_task).options(num_cpus=threads, num_gpus=gpus, max_retries=0)
     sink = _make_sink(ray)
-    busy = {r.run_id for r in records if r.alive}
-    todo = [r for r in records if r.state != "done" and r.run_id not in busy]
-    outcomes = [Outcome(r.run_id, "skipped", 0.0) for r in records if r.state == "done"]
-    outcomes += [Outcome(r.run_id, "busy", 0.0, "a live worker is already running it") for r in records
-                 if r.run_id in busy]
+    plan = plan_runs(records)
+    todo, outcomes = list(plan.todo), plan.settled()
     shipped: dict[str, object] = {}
 
     def data_for(record: RunRecord):
@@ -255,9 +253,9 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
 
     def submit(record: RunRecord) -> None:
         attempts[record.run_id] = attempts.get(record.run_id, 0) + 1
-        status = store.update_status(record.path, state="running", executor="ray", host=socket.gethostname(),
+        status = store.update_status(record.path, state=RunState.RUNNING, executor="ray", host=socket.gethostname(),
                                      pid=os.getpid(), started_at=now(), error=None)
-        state_path = record.path / "state.pt"
+        state_path = record.files.state
         state = state_path.read_bytes() if state_path.exists() else None
         ref = task.remote(RunConfig.to_dict(record.config), status, state, data_for(record), threads,
                           checkpoint_seconds, sink)
@@ -296,7 +294,7 @@ def run_ray(records: list[RunRecord], store: ResultStore, *, address: str | None
         if result["state"] != "done":
             status = read_json(record.path / "status.json", {}) or {}
             error = f"{result.get('error') or status.get('error') or 'the run failed'} (after {attempt} attempts)"
-            store.update_status(record.path, state="failed", error=error, finished_at=now())
+            store.update_status(record.path, state=RunState.FAILED, error=error, finished_at=now())
         outcome = Outcome(record.run_id, result["state"], time.time() - started[record.run_id], error)
         locks.pop(record.run_id).release()
         store.write_summary_table()

@@ -45,6 +45,7 @@ from pathlib import Path
 from ..config import RunConfig
 from ..data.atomic import atomic_write_text
 from .grid import canonical, describe_run, run_id
+from .lifecycle import RunPaths, RunState, check_transition, parse_state
 
 SUMMARY_COLUMNS = [
     "run_id", "state", "dataset", "family", "width", "depth", "objective", "estimator", "local_terms",
@@ -138,14 +139,15 @@ def _readable_jsonl(path: Path) -> bool:
 def outputs_complete(path: Path) -> bool:
     """Whether a run's folder holds the outputs of a finished run: summary.json written at the end
     (``complete``), a readable evals.jsonl, and steps.csv."""
-    summary = read_json(path / "summary.json")
-    return (isinstance(summary, dict) and summary.get("complete") is True and (path / "steps.csv").exists()
-            and (path / "evals.jsonl").exists() and _readable_jsonl(path / "evals.jsonl"))
+    files = RunPaths(path)
+    summary = read_json(files.summary)
+    return (isinstance(summary, dict) and summary.get("complete") is True and files.steps.exists()
+            and files.evals.exists() and _readable_jsonl(files.evals))
 
 
 def read_status(path: Path) -> tuple[dict, bool]:
     """A run's status.json and whether it was readable (a missing file is readable: a new run)."""
-    target = path / "status.json"
+    target = RunPaths(path).status
     if not target.exists():
         return {}, True
     value = read_json(target)
@@ -184,11 +186,15 @@ class RunRecord:
     done: bool = False
 
     @property
-    def state(self) -> str:
+    def files(self) -> RunPaths:
+        return RunPaths(self.path)
+
+    @property
+    def state(self) -> RunState:
         if self.done:
-            return "done"
-        state = self.status.get("state", "pending")
-        return "pending" if state == "done" else state  # a done status over incomplete outputs
+            return RunState.DONE
+        state = parse_state(self.status.get("state"))
+        return RunState.PENDING if state == RunState.DONE else state  # a done status over incomplete outputs
 
     @property
     def alive(self) -> bool:
@@ -199,18 +205,18 @@ class RunRecord:
     @property
     def display_state(self) -> str:
         if self.done:
-            return "done"
+            return RunState.DONE.value
         if self.alive:
-            return "running"
-        if self.state == "running" or (self.path / "state.pt").exists():
+            return RunState.RUNNING.value
+        if self.state == RunState.RUNNING or self.files.state.exists():
             return "interrupted"
-        return self.state
+        return self.state.value
 
 
 def inspect_run(path: Path, config: RunConfig) -> RunRecord:
     """A :class:`RunRecord` of the folder, read only."""
     status, _ = read_status(path)
-    done = outputs_complete(path) and (status.get("state") == "done" or (path / "model.pt").exists())
+    done = outputs_complete(path) and (status.get("state") == RunState.DONE or RunPaths(path).model.exists())
     return RunRecord(path.name, path, config, status, done)
 
 
@@ -218,27 +224,28 @@ def repair_run(path: Path, config: RunConfig) -> RunRecord:
     """Inspect a run and repair what is broken: a corrupt status.json or evals.jsonl is set aside, a
     finished run's lost status is rewritten, a done status over incomplete outputs is reset to pending,
     and stale ``.part`` files are removed. Call only while holding the run's lock."""
+    files = RunPaths(path)
     remove_stale_parts(path)
     status, readable = read_status(path)
     if not readable:
-        set_aside(path / "status.json", "not valid JSON")
-    evals = path / "evals.jsonl"
-    if evals.exists() and not _readable_jsonl(evals):
-        set_aside(evals, "not valid JSON lines")
+        set_aside(files.status, "not valid JSON")
+    if files.evals.exists() and not _readable_jsonl(files.evals):
+        set_aside(files.evals, "not valid JSON lines")
         with contextlib.suppress(FileNotFoundError):
-            (path / "summary.json").unlink()  # describes the evaluations just set aside
+            files.summary.unlink()  # describes the evaluations just set aside
     record = inspect_run(path, config)
-    if record.done and status.get("state") != "done":
-        status = {**status, "state": "done", "label": describe_run(config), "error": None,
+    if record.done and status.get("state") != RunState.DONE:
+        status = {**status, "state": check_transition(status.get("state"), RunState.DONE).value,
+                  "label": describe_run(config), "error": None,
                   "note": "status rewritten from the run's complete outputs"}
-        write_json(path / "status.json", status)
-    elif not record.done and (status.get("state") == "done" or not readable):
-        status = {**status, "state": "pending", "label": describe_run(config),
+        write_json(files.status, status)
+    elif not record.done and (status.get("state") == RunState.DONE or not readable):
+        status = {**status, "state": RunState.PENDING.value, "label": describe_run(config),
                   "note": "outputs incomplete or status unreadable: the run is redone"}
-        write_json(path / "status.json", status)
-    elif not (path / "status.json").exists():
-        status = {"state": "pending", "label": describe_run(config)}
-        write_json(path / "status.json", status)
+        write_json(files.status, status)
+    elif not files.status.exists():
+        status = {"state": RunState.PENDING.value, "label": describe_run(config)}
+        write_json(files.status, status)
     return RunRecord(path.name, path, config, status, record.done)
 
 
@@ -312,9 +319,14 @@ class ResultStore:
         return out
 
     def update_status(self, path: Path, **fields) -> dict:
-        status = read_json(path / "status.json", {}) or {}
+        """Merge ``fields`` into the run's status.json; a new ``state`` must be a transition the
+        lifecycle allows (:func:`~amortized_bayes.experiments.lifecycle.check_transition`)."""
+        target = RunPaths(path).status
+        status = read_json(target, {}) or {}
+        if "state" in fields:
+            fields["state"] = check_transition(status.get("state"), fields["state"]).value
         status.update(fields)
-        write_json(path / "status.json", status)
+        write_json(target, status)
         return status
 
     def save_grid(self, grid_dict: dict) -> None:

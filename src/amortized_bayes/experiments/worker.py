@@ -53,7 +53,9 @@ def _check_training_state(run_dir: Path) -> None:
 
     from .store import set_aside
 
-    path = run_dir / "state.pt"
+    from .lifecycle import RunPaths
+
+    path = RunPaths(run_dir).state
     if not path.exists():
         return
     try:
@@ -70,21 +72,23 @@ def _execute_locked(run_dir: Path, *, threads: int, checkpoint_seconds: float, t
     from ..runtime import prepare_process
     from ..config import RunConfig
     from ..training import Checkpointing, NonFiniteLossError, fit
+    from .lifecycle import RunPaths, RunState
     from .store import ResultStore, now, read_json, repair_run, write_run_outputs
 
     store = ResultStore(run_dir.parent.parent)
+    files = RunPaths(run_dir)
     prepare_process(threads)
-    config = RunConfig.from_dict(read_json(run_dir / "config.json"))
+    config = RunConfig.from_dict(read_json(files.config))
     record = repair_run(run_dir, config)  # stale .part files, corrupt status or evals, a lost done status
     if record.done:
-        return "done"
+        return RunState.DONE.value
     _check_training_state(run_dir)
     previous = record.status
     attempts = int(previous.get("attempts", 0)) + 1
     started = time.time()
-    store.update_status(run_dir, state="running", pid=os.getpid(), host=socket.gethostname(), started_at=now(),
-                        attempts=attempts, threads=threads, epochs_total=config.train.epochs,
-                        resumed=(run_dir / "state.pt").exists(), error=None)
+    store.update_status(run_dir, state=RunState.RUNNING, pid=os.getpid(), host=socket.gethostname(),
+                        started_at=now(), attempts=attempts, threads=threads, epochs_total=config.train.epochs,
+                        resumed=files.state.exists(), error=None)
     writer = _tensorboard(tensorboard_dir, run_dir.name) if tensorboard_dir else None
     logged_steps = [0]
 
@@ -111,30 +115,30 @@ def _execute_locked(run_dir: Path, *, threads: int, checkpoint_seconds: float, t
 
     try:
         result = fit(config, data, on_eval=on_eval, on_epoch=on_epoch,
-                     checkpoint=Checkpointing(run_dir / "state.pt", every_seconds=checkpoint_seconds))
+                     checkpoint=Checkpointing(files.state, every_seconds=checkpoint_seconds))
     except DriverGone as exc:
-        store.update_status(run_dir, state="failed", error=f"{exc}; rerun to resume", finished_at=now())
+        store.update_status(run_dir, state=RunState.FAILED, error=f"{exc}; rerun to resume", finished_at=now())
         print(f"[{run_dir.name}] stopped: {exc}", file=sys.stderr, flush=True)
-        return "failed"
+        return RunState.FAILED.value
     except NonFiniteLossError as exc:
         write_run_outputs(run_dir, exc.result, final=False)
-        store.update_status(run_dir, state="failed", error=str(exc), finished_at=now())
+        store.update_status(run_dir, state=RunState.FAILED, error=str(exc), finished_at=now())
         print(f"[{run_dir.name}] failed: {exc}", file=sys.stderr, flush=True)
-        return "failed"
+        return RunState.FAILED.value
     except Exception as exc:  # noqa: BLE001 - any error of the run is recorded, the grid goes on
         traceback.print_exc()
-        store.update_status(run_dir, state="failed", error=f"{type(exc).__name__}: {exc}", finished_at=now())
-        return "failed"
+        store.update_status(run_dir, state=RunState.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=now())
+        return RunState.FAILED.value
     finally:
         if writer is not None:
             writer.close()
     write_run_outputs(run_dir, result, final=True)
-    save_fit(result, run_dir / "model.pt")
-    store.update_status(run_dir, state="done", finished_at=now(), epochs_done=result.epochs_done,
+    save_fit(result, files.model)
+    store.update_status(run_dir, state=RunState.DONE, finished_at=now(), epochs_done=result.epochs_done,
                         steps_done=result.steps_done, elapsed_seconds=time.time() - started,
                         train_seconds=result.history.wall_time[-1] if result.history.wall_time else 0.0)
-    (run_dir / "state.pt").unlink(missing_ok=True)  # model.pt holds the result; the state is no longer needed
-    return "done"
+    files.state.unlink(missing_ok=True)  # model.pt holds the result; the state is no longer needed
+    return RunState.DONE.value
 
 
 def _tensorboard(root, name):
