@@ -164,14 +164,14 @@ def test_ais_diagnostics_and_schedule():
 def _quadrature_log_evidence(decoder, x, theta, half_width=6.0, points=401):
     """log p(x | theta) of a 2-d latent model by a trapezoid rule on a grid: an implementation that
     shares nothing with IWAE or AIS but the decoder."""
-    from amortized_bayes.objectives import log_likelihood
+    from amortized_bayes.objectives import likelihood_of
 
     grid = torch.linspace(-half_width, half_width, points, dtype=torch.float64)
     z = torch.cartesian_prod(grid, grid)  # (P^2, 2)
     with torch.no_grad():
         out = decoder.double().decode(z.unsqueeze(1).expand(-1, x.shape[0], -1).contiguous(),
                                       ThetaDraw([v.double() for v in theta.values], None))
-        ll = log_likelihood(decoder, x.double(), out, legacy=False)  # (P^2, M)
+        ll = likelihood_of(decoder).per_image(decoder, x.double(), out)  # (P^2, M)
     log_prior = (-0.5 * (z * z).sum(-1) - math.log(2 * math.pi)).unsqueeze(-1)
     h = float(grid[1] - grid[0])
     w = torch.ones(points, dtype=torch.float64)

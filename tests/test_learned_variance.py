@@ -13,7 +13,8 @@ from torch.distributions import Normal
 
 from amortized_bayes.config import DataConfig, family_config, ModelConfig, RunConfig, TrainConfig
 from amortized_bayes.model import BayesianDecoder
-from amortized_bayes.objectives import decoded_log_likelihood_total, elbo_per_image, log_likelihood
+from amortized_bayes.likelihoods import GaussianLikelihood
+from amortized_bayes.objectives import elbo_per_image
 
 
 def _model(log_var: float, depth: int = 1):
@@ -41,13 +42,13 @@ def test_fused_totals_match_the_plain_expression_with_a_learned_variance(num_sam
     z = torch.randn(num_samples, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
     theta = model.sample(num_samples, g)
     params = [model.theta_loc, model.theta_log_scale, model.log_obs_var, z]
-    fused = decoded_log_likelihood_total(model, x, z, theta, legacy=False)
+    fused = GaussianLikelihood().decoded_total(model, x, z, theta)
     plain = _plain(model, x, z, theta)
     torch.testing.assert_close(fused, plain)
     for a, b in zip(torch.autograd.grad(fused, params, retain_graph=True),
                     torch.autograd.grad(plain, params, retain_graph=True)):
         torch.testing.assert_close(a, b)
-    per_draw = log_likelihood(model, x, model.decode(z, theta), legacy=False)
+    per_draw = GaussianLikelihood().per_image(model, x, model.decode(z, theta))
     torch.testing.assert_close(per_draw.sum(), plain)
 
 
@@ -77,11 +78,11 @@ def test_the_learned_variance_is_stationary_at_the_mean_squared_residual():
     with torch.no_grad():
         sq = (model.decode(z, theta) - x).pow(2).sum()
         model.log_obs_var.fill_(float(torch.log(sq / x.numel())))
-    ll = decoded_log_likelihood_total(model, x, z, theta, legacy=False)
+    ll = GaussianLikelihood().decoded_total(model, x, z, theta)
     assert abs(float(torch.autograd.grad(ll, model.log_obs_var)[0])) < 1e-9
     with torch.no_grad():
         model.log_obs_var.add_(math.log(2.0))  # above the optimum: the gradient pushes it down
-    ll = decoded_log_likelihood_total(model, x, z, theta, legacy=False)
+    ll = GaussianLikelihood().decoded_total(model, x, z, theta)
     assert float(torch.autograd.grad(ll, model.log_obs_var)[0]) < 0
 
 

@@ -234,7 +234,7 @@ def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples
     for got, want in zip(theta.values, values):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     z = torch.randn(S, 5, model.config.latent_dim, generator=g)
-    prior, entropy = objectives.theta_terms(model, theta, "mc", legacy=False)
+    prior, entropy = objectives.ELBO().theta_terms(model, theta, "mc")
     loss = (model.decode(z, theta) ** 2).sum() + prior + entropy
     loss.backward()
     ref_prior = sum(dens.standard_normal_log_prob(v, 0.9).sum() for v in values) / S
@@ -251,7 +251,7 @@ def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples
         torch.testing.assert_close(flat_grad, torch.cat([p.grad.reshape(-1) for p in ref_params]),
                                    rtol=1e-4, atol=1e-4)
     # The analytic terms over the flat vectors equal the per-tensor sums.
-    prior_a, entropy_a = objectives.theta_terms(model, theta, "analytic", legacy=False)
+    prior_a, entropy_a = objectives.ELBO().theta_terms(model, theta, "analytic")
     want_kl = sum(dens.kl_normal_to_centered(m, s, 0.9).sum() for m, s in zip(model.loc, model.log_scale))
     torch.testing.assert_close(prior_a + entropy_a, -want_kl)
 
@@ -289,12 +289,12 @@ def test_fused_theta_terms_and_residual_decoding_match_the_separate_expressions(
             theta, prior, entropy = objectives.sample_theta_with_terms(model, S, g)
         else:
             theta = model.sample(S, g)
-            prior, entropy = objectives.theta_terms(model, theta, "mc", legacy=False)
+            prior, entropy = objectives.ELBO().theta_terms(model, theta, "mc")
         if single_theta:
             theta = model.draw(theta.flat[:1], None)
         z = torch.randn(S, 5, 3, generator=g, dtype=torch.float64).requires_grad_(True)
         if fused:  # the trainer's path: the last layer and the likelihood in one node for a single theta
-            ll = objectives.decoded_log_likelihood_total(model, x, z, theta, legacy=False)
+            ll = objectives.likelihood_of(model).decoded_total(model, x, z, theta)
         else:
             ll = dens.gaussian_log_likelihood(x, model.decode(z, theta), 0.7).sum()
         total = 1.7 * ll + prior + entropy
@@ -341,10 +341,10 @@ def test_fused_local_draws_match_draw_z_and_local_terms(num_samples, shared):
         mu, ls = mu_p.expand(6, 3), ls_p.expand(6, 3)
         g = torch.Generator().manual_seed(7)
         if fused:
-            z, lp, ent = objectives.draw_z_with_terms(mu, ls, num_samples, g, "mc", legacy=False)
+            z, lp, ent = objectives.ELBO().draw_z_with_terms(mu, ls, num_samples, g, "mc")
         else:
             z, eps = draw_z(mu, ls, num_samples, g)
-            lp, ent = objectives.local_terms(mu, ls, z, eps, "mc", legacy=False)
+            lp, ent = objectives.ELBO().local_terms(mu, ls, z, eps, "mc")
         total = (weights * z).sum() + (z**2).sum() + 1.3 * lp + 0.7 * ent
         total.backward()
         results.append((z.detach(), float(lp.detach()), float(ent.detach()), mu_p.grad, ls_p.grad))

@@ -84,6 +84,12 @@ def _check_types(instance: Any, prefix: str) -> None:
         _check_type(getattr(instance, f.name), hints[f.name], f"{prefix}.{f.name}")
 
 
+def _suppress_key_error():
+    import contextlib
+
+    return contextlib.suppress(KeyError)
+
+
 def _in_range(value, low, high, name: str) -> None:
     _check(low <= value <= high, name, f"must be between {low} and {high}, got {value!r}")
 
@@ -197,13 +203,18 @@ class ModelConfig:
     depth: int = 2
     data_dim: int = 784
     prior_scale: float = 1.0
-    likelihood: Literal["gaussian", "bernoulli"] = "gaussian"
+    likelihood: str = "gaussian"  # a registered likelihood (likelihoods.py): gaussian, bernoulli
     obs_var: Union[float, Literal["learned"]] = 1.0
     init_loc: Literal["default", "zero"] = "default"
     init_log_scale: float = -2.0
 
     def __post_init__(self):
+        from .likelihoods import LIKELIHOODS, get_likelihood
+
         _check_types(self, "model")
+        with _suppress_key_error():
+            get_likelihood(self.likelihood)  # a plugin's likelihood is found through its entry point
+        _one_of(self.likelihood, tuple(LIKELIHOODS), "model.likelihood")
         # Upper bounds keep a typo from allocating terabytes: far above any model this tool trains.
         _in_range(self.latent_dim, 1, 4096, "model.latent_dim")
         _in_range(self.hidden, 1, 65_536, "model.hidden")
@@ -316,13 +327,18 @@ class ObjectiveConfig:
     ``estimator``: "mc" or "analytic" (closed-form Gaussian KLs). ``local_terms``: "batch" or "all".
     ``num_samples``: S reparameterised draws per step."""
 
-    kind: Literal["elbo", "legacy-2024"] = "elbo"
+    kind: str = "elbo"  # a registered objective (objectives.py): elbo, legacy-2024
     estimator: Literal["mc", "analytic"] = "mc"
     local_terms: Literal["batch", "all"] = "batch"
     num_samples: int = 1
 
     def __post_init__(self):
+        from .objectives import OBJECTIVES, get_objective
+
         _check_types(self, "objective")
+        with _suppress_key_error():
+            get_objective(self.kind)
+        _one_of(self.kind, tuple(OBJECTIVES), "objective.kind")
         _in_range(self.num_samples, 1, 100_000, "objective.num_samples")
         _check(not (self.kind == "legacy-2024" and self.estimator == "analytic"), "objective.estimator",
                "legacy-2024 is defined by its Monte Carlo terms; use estimator='mc'")

@@ -8,7 +8,7 @@ from . import densities as dens
 from .config import ObjectiveConfig
 from .families import VariationalFamily
 from .model import BayesianDecoder
-from .objectives import draw_z, log_likelihood, make_local_elbo, theta_terms
+from .objectives import ELBO, draw_z, likelihood_of, make_local_elbo
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -38,13 +38,14 @@ def full_data_negative_elbo(model: BayesianDecoder, mu: torch.Tensor, log_sigma:
     draws of theta shared by the chunks, and closed-form KL terms (unbiased for the same ELBO as the
     Monte Carlo estimator, with less variance). Returns -ELBO and its terms, in nats."""
     theta = model.sample(num_samples, generator)
+    likelihood = likelihood_of(model)
     ll = torch.zeros((), dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], chunk):
         rows = slice(start, start + chunk)
         z, _ = draw_z(mu[rows], log_sigma[rows], num_samples, generator)
-        ll += log_likelihood(model, x[rows], model.decode(z, theta), legacy=False).sum() / num_samples
+        ll += likelihood.per_image(model, x[rows], model.decode(z, theta)).sum() / num_samples
     kl_z = dens.kl_normal_to_centered(mu, log_sigma).sum()
-    lp_theta, ent_theta = theta_terms(model, theta, "analytic", legacy=False)
+    lp_theta, ent_theta = ELBO().theta_terms(model, theta, "analytic")
     kl_theta = -(lp_theta + ent_theta)
     elbo = ll - kl_z - kl_theta
     return {"neg_elbo": float(-elbo), "log_lik": float(ll), "kl_z": float(kl_z), "kl_theta": float(kl_theta)}

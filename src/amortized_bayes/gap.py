@@ -23,7 +23,7 @@ import torch
 
 from . import densities as dens
 from .model import BayesianDecoder, ThetaDraw
-from .objectives import draw_z, elbo_per_image, log_likelihood
+from .objectives import draw_z, elbo_per_image, likelihood_of
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def iwae_log_evidence(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor,
     for start in range(0, num_samples, chunk):
         k = min(chunk, num_samples - start)
         z, eps = draw_z(mu, log_sigma, k, generator)
-        ll = log_likelihood(model, x, model.decode(z, theta), legacy=False)
+        ll = likelihood_of(model).per_image(model, x, model.decode(z, theta))
         log_prior = dens.standard_normal_log_prob(z).sum(-1)
         log_q = dens.normal_log_prob_from_noise(eps, log_sigma).sum(-1)
         log_weights.append(ll + log_prior - log_q)
@@ -186,7 +186,7 @@ def ais_log_evidence(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, 
     def log_joint_and_grad(z):
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            lj = (log_likelihood(model, x, model.decode(z, theta), legacy=False)
+            lj = (likelihood_of(model).per_image(model, x, model.decode(z, theta))
                   + dens.standard_normal_log_prob(z).sum(-1))
             (grad,) = torch.autograd.grad(lj.sum(), z)
         return lj.detach(), grad

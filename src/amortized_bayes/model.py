@@ -205,5 +205,6 @@ class BayesianDecoder(nn.Module):
     def reconstruct(self, z_mean: torch.Tensor) -> torch.Tensor:
         """Pixel-space reconstruction at the posterior means: Omega(E[z]; E[theta]) (through a sigmoid for
         the Bernoulli likelihood). (B, d) -> (B, D)."""
-        out = self.decode(z_mean, self.mean())[0]
-        return torch.sigmoid(out) if self.config.likelihood == "bernoulli" else out
+        from .likelihoods import get_likelihood
+
+        return get_likelihood(self.config.likelihood).mean(self.decode(z_mean, self.mean())[0])

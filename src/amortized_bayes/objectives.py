@@ -18,14 +18,16 @@ not an ELBO.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from . import densities as dens
 from .config import ObjectiveConfig
 from .families import LocalELBO, VariationalFamily
+from .likelihoods import Legacy2024Likelihood, Likelihood, get_likelihood
 from .model import BayesianDecoder, ThetaDraw
 
 
@@ -45,47 +47,9 @@ class ObjectiveTerms:
         return self.log_lik + self.log_prior_z + self.entropy_z + self.log_prior_theta + self.entropy_theta
 
 
-def log_likelihood(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
-    """Per-draw, per-image log p(x | z, theta). x: (B, D), out: (S, B, D) -> (S, B)."""
-    if legacy:
-        return dens.legacy_log_likelihood(x, out)
-    if model.config.likelihood == "bernoulli":
-        return dens.bernoulli_log_likelihood(x, out)
-    var, log_var = model.gaussian_variance()
-    ll = dens.gaussian_log_likelihood(x, out, var)
-    return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, out.shape[-1], log_var)
-
-
-def log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, out: torch.Tensor, legacy: bool) -> torch.Tensor:
-    """``log_likelihood(...).sum()`` over draws and images (a scalar), with the fused kernels."""
-    if legacy:
-        return dens.legacy_log_likelihood(x, out).sum()
-    if model.config.likelihood == "bernoulli":
-        return -F.binary_cross_entropy_with_logits(out, x.expand_as(out), reduction="sum")
-    var, log_var = model.gaussian_variance()
-    ll = dens.gaussian_log_likelihood_total(x, out, var)
-    return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, out.numel(), log_var)
-
-
-def decoded_log_likelihood_total(model: BayesianDecoder, x: torch.Tensor, z: torch.Tensor, theta: ThetaDraw,
-                                 legacy: bool) -> torch.Tensor:
-    """``log_likelihood_total`` of ``decode(z, theta)``; for the Gaussian likelihood the residual is formed
-    inside the decoder's last product (one pass fewer over the (S, B, D) output), and with one theta for
-    every z the last layer and the likelihood are one node (another pass fewer in the backward)."""
-    if not legacy and model.config.likelihood == "gaussian":
-        var, log_var = model.gaussian_variance()
-        if theta.num_samples == 1:  # one theta for every z: the last layer fused with the likelihood
-            h = model.features(z, theta)
-            weight, bias = model.output_layer(theta)
-            rows = x if h.shape[0] == 1 else x.repeat(h.shape[0], 1)
-            ll = dens.gaussian_log_likelihood_of_affine_mean(h.reshape(-1, h.shape[-1]), weight, bias, rows, var)
-            terms = rows.numel()
-        else:
-            resid = model.decode(z, theta, subtract=x)
-            terms = resid.numel()
-            ll = dens.gaussian_log_likelihood_of_residual(resid, var)
-        return ll if log_var is None else dens.rescale_gaussian_log_likelihood(ll, terms, log_var)
-    return log_likelihood_total(model, x, model.decode(z, theta), legacy)
+def likelihood_of(model: BayesianDecoder) -> Likelihood:
+    """The model's likelihood object (``model.likelihood``)."""
+    return get_likelihood(model.config.likelihood)
 
 
 class _ReparameterisedMonteCarlo(torch.autograd.Function):
@@ -137,45 +101,6 @@ def sample_theta_with_terms(model: BayesianDecoder, num_samples: int, generator:
     return model.draw(flat, eps), log_prior, entropy
 
 
-def theta_terms(model: BayesianDecoder, theta: ThetaDraw, estimator: str,
-                legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E log p(theta), E[-log q(theta)]) estimated from ``theta`` (mc) or in closed form (analytic)."""
-    scale = model.config.prior_scale
-    loc, log_scale = model.theta_loc, model.theta_log_scale
-    if estimator == "analytic":
-        neg_kl = -dens.kl_normal_to_centered(loc, log_scale, scale).sum()
-        entropy = dens.normal_entropy(log_scale).sum()
-        return neg_kl - entropy, entropy
-    S = theta.num_samples
-    values = theta.flat if theta.flat is not None else torch.cat([v.reshape(S, -1) for v in theta.values], 1)
-    if theta.eps_flat is not None:
-        eps = theta.eps_flat
-    else:
-        assert theta.eps is not None, "theta_terms needs the noise of a reparameterised draw"
-        eps = torch.cat([e.reshape(S, -1) for e in theta.eps], 1)
-    if legacy:
-        prior = dens.legacy_log_prior_theta(values).sum() / S
-        log_q = dens.legacy_log_q(eps, log_scale).sum() / S
-    else:
-        prior = dens.standard_normal_log_prob_total(values, scale) / S
-        log_q = dens.normal_log_prob_from_noise_total(eps, log_scale) / S
-    return prior, -log_q
-
-
-def local_terms(mu: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor, eps: torch.Tensor,
-                estimator: str, legacy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_n E log p(z_n), sum_n E[-log q(z_n)]) over the given rows, averaged over the S draws.
-    mu, log_sigma: (B, d); z, eps: (S, B, d)."""
-    if estimator == "analytic":
-        neg_kl = -dens.kl_normal_to_centered(mu, log_sigma).sum()
-        entropy = dens.normal_entropy(log_sigma).sum()
-        return neg_kl - entropy, entropy
-    S = z.shape[0]
-    if legacy:
-        return dens.legacy_log_prior_z(z).sum() / S, -dens.legacy_log_q(eps, log_sigma).sum() / S
-    return dens.standard_normal_log_prob(z).sum() / S, -dens.normal_log_prob_from_noise(eps, log_sigma).sum() / S
-
-
 def draw_z(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """S reparameterised draws z = mu + sigma * eps. (B, d) -> z, eps: (S, B, d)."""
@@ -183,32 +108,12 @@ def draw_z(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
     return mu + torch.exp(log_sigma) * eps, eps
 
 
-def draw_z_with_terms(mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
-                      generator: torch.Generator | None, estimator: str, legacy: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z (S, B, d) as :func:`draw_z` draws it, and :func:`local_terms` of the rows; the Monte Carlo
-    terms of the ELBO come from one fused autograd node."""
-    if estimator == "mc" and not legacy:
-        eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        return reparameterised_with_terms(mu, log_sigma, eps)
-    z, eps = draw_z(mu, log_sigma, num_samples, generator)
-    return (z, *local_terms(mu, log_sigma, z, eps, estimator, legacy))
-
-
 def elbo_per_image(model: BayesianDecoder, x: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor,
                    theta: ThetaDraw, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """ELBO_x(q) = E_q(z)[log p(x | z, theta) + log p(z) - log q(z)] per image (B,): S reparameterised
     draws of z (paired with theta's S draws, or all decoded with a single theta) and the closed-form KL."""
     z, _ = draw_z(mu, log_sigma, num_samples, generator)
-    if model.config.likelihood == "gaussian":
-        resid = model.decode(z, theta, subtract=x)  # the residual formed inside the last product
-        var, log_var = model.gaussian_variance()
-        ll = dens.gaussian_log_likelihood_of_residual_per_image(resid, var)
-        if log_var is not None:
-            ll = dens.rescale_gaussian_log_likelihood(ll, resid.shape[-1], log_var)
-        ll = ll.mean(0)
-    else:
-        ll = log_likelihood(model, x, model.decode(z, theta), legacy=False).mean(0)
+    ll = likelihood_of(model).decoded_per_image(model, x, z, theta).mean(0)
     return ll - dens.kl_normal_to_centered(mu, log_sigma).sum(-1)
 
 
@@ -224,47 +129,170 @@ def make_local_elbo(model: BayesianDecoder, num_samples: int = 1, generator: tor
     return local_elbo
 
 
-def objective_terms(
-    model: BayesianDecoder,
-    family: VariationalFamily,
-    x_batch: torch.Tensor,
-    idx_batch: torch.Tensor | None,
-    *,
-    num_data: int,
-    config: ObjectiveConfig,
-    generator: torch.Generator | None = None,
-    x_all: torch.Tensor | None = None,
-) -> ObjectiveTerms:
-    """An unbiased estimate of the full-data objective from one minibatch.
+class Objective(ABC):
+    """What a training step maximises, as the five :class:`ObjectiveTerms`. A subclass says which
+    likelihood it uses and how it scores draws of z and theta by Monte Carlo; the closed-form KL terms
+    (``estimator="analytic"``), the minibatch scaling and the drawing are shared. ``fused_mc``: its Monte
+    Carlo terms are log N densities, which one fused autograd node computes with the draws
+    (:func:`reparameterised_with_terms`, tested against the plain terms in tests/test_objectives.py)."""
 
-    x_batch: (B, D) images, idx_batch: (B,) their rows in the training set (None: rows 0..B-1 and
-    B must equal ``num_data``). ``x_all`` (N, D) is needed for ``local_terms="all"`` (the encoder runs
-    on every image each step).
-    """
-    legacy = config.kind == "legacy-2024"
-    S, B = config.num_samples, x_batch.shape[0]
-    fused_theta = config.estimator == "mc" and not legacy
-    if fused_theta:
-        theta, log_prior_theta, entropy_theta = sample_theta_with_terms(model, S, generator)
-    else:
-        theta = model.sample(S, generator)
-    refine = make_local_elbo(model, 1, generator) if family.refines_locally else None
-    if config.local_terms == "all":
-        if x_all is None or x_all.shape[0] != num_data:
-            raise ValueError("local_terms='all' needs x_all with every one of the num_data images")
-        all_idx = torch.arange(num_data, device=x_batch.device)
-        mu_all, ls_all = family.local_params(x_all, all_idx, refine)
-        z_all, log_prior_z, entropy_z = draw_z_with_terms(mu_all, ls_all, S, generator, config.estimator, legacy)
-        rows = idx_batch if idx_batch is not None else all_idx[:B]
-        z = z_all[:, rows]
-    else:
-        mu, ls = family.local_params(x_batch, idx_batch, refine)
-        z, lp, ent = draw_z_with_terms(mu, ls, S, generator, config.estimator, legacy)
-        log_prior_z, entropy_z = lp * (num_data / B), ent * (num_data / B)
-    ll = decoded_log_likelihood_total(model, x_batch, z, theta, legacy) / S * (num_data / B)
-    if not fused_theta:
-        log_prior_theta, entropy_theta = theta_terms(model, theta, config.estimator, legacy)
-    return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
+    kind: ClassVar[str]
+    fused_mc: ClassVar[bool] = False
+
+    @abstractmethod
+    def likelihood(self, model: BayesianDecoder) -> Likelihood:
+        """The likelihood whose log p(x | z, theta) this objective sums."""
+
+    @abstractmethod
+    def mc_local_terms(self, z: torch.Tensor, eps: torch.Tensor,
+                       log_sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum log p(z), sum -log q(z)) over S draws z = mu + sigma eps (S, B, d), averaged over S."""
+
+    @abstractmethod
+    def mc_theta_terms(self, values: torch.Tensor, eps: torch.Tensor, log_scale: torch.Tensor,
+                       prior_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E log p(theta), E[-log q(theta)]) from S flat draws ``values`` (S, P) and their noise."""
+
+    def local_terms(self, mu: torch.Tensor, log_sigma: torch.Tensor, z: torch.Tensor, eps: torch.Tensor,
+                    estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum_n E log p(z_n), sum_n E[-log q(z_n)]) over the given rows, averaged over the S draws.
+        mu, log_sigma: (B, d); z, eps: (S, B, d)."""
+        if estimator == "analytic":
+            neg_kl = -dens.kl_normal_to_centered(mu, log_sigma).sum()
+            entropy = dens.normal_entropy(log_sigma).sum()
+            return neg_kl - entropy, entropy
+        return self.mc_local_terms(z, eps, log_sigma)
+
+    def theta_terms(self, model: BayesianDecoder, theta: ThetaDraw,
+                    estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E log p(theta), E[-log q(theta)]) estimated from ``theta`` (mc) or in closed form (analytic)."""
+        scale = model.config.prior_scale
+        loc, log_scale = model.theta_loc, model.theta_log_scale
+        if estimator == "analytic":
+            neg_kl = -dens.kl_normal_to_centered(loc, log_scale, scale).sum()
+            entropy = dens.normal_entropy(log_scale).sum()
+            return neg_kl - entropy, entropy
+        S = theta.num_samples
+        values = theta.flat if theta.flat is not None else torch.cat([v.reshape(S, -1) for v in theta.values], 1)
+        if theta.eps_flat is not None:
+            eps = theta.eps_flat
+        else:
+            assert theta.eps is not None, "theta_terms needs the noise of a reparameterised draw"
+            eps = torch.cat([e.reshape(S, -1) for e in theta.eps], 1)
+        return self.mc_theta_terms(values, eps, log_scale, scale)
+
+    def draw_z_with_terms(self, mu: torch.Tensor, log_sigma: torch.Tensor, num_samples: int,
+                          generator: torch.Generator | None, estimator: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (S, B, d) as :func:`draw_z` draws it, and :meth:`local_terms` of the rows (one fused autograd
+        node for the Monte Carlo terms where ``fused_mc``)."""
+        if estimator == "mc" and self.fused_mc:
+            eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+            return reparameterised_with_terms(mu, log_sigma, eps)
+        z, eps = draw_z(mu, log_sigma, num_samples, generator)
+        return (z, *self.local_terms(mu, log_sigma, z, eps, estimator))
+
+    def terms(self, model: BayesianDecoder, family: VariationalFamily, x_batch: torch.Tensor,
+              idx_batch: torch.Tensor | None, *, num_data: int, config: ObjectiveConfig,
+              generator: torch.Generator | None = None, x_all: torch.Tensor | None = None) -> ObjectiveTerms:
+        """An unbiased estimate of the full-data objective from one minibatch.
+
+        x_batch: (B, D) images, idx_batch: (B,) their rows in the training set (None: rows 0..B-1 and
+        B must equal ``num_data``). ``x_all`` (N, D) is needed for ``local_terms="all"`` (the encoder runs
+        on every image each step).
+        """
+        S, B = config.num_samples, x_batch.shape[0]
+        fused_theta = config.estimator == "mc" and self.fused_mc
+        if fused_theta:
+            theta, log_prior_theta, entropy_theta = sample_theta_with_terms(model, S, generator)
+        else:
+            theta = model.sample(S, generator)
+        refine = make_local_elbo(model, 1, generator) if family.refines_locally else None
+        if config.local_terms == "all":
+            if x_all is None or x_all.shape[0] != num_data:
+                raise ValueError("local_terms='all' needs x_all with every one of the num_data images")
+            all_idx = torch.arange(num_data, device=x_batch.device)
+            mu_all, ls_all = family.local_params(x_all, all_idx, refine)
+            z_all, log_prior_z, entropy_z = self.draw_z_with_terms(mu_all, ls_all, S, generator, config.estimator)
+            rows = idx_batch if idx_batch is not None else all_idx[:B]
+            z = z_all[:, rows]
+        else:
+            mu, ls = family.local_params(x_batch, idx_batch, refine)
+            z, lp, ent = self.draw_z_with_terms(mu, ls, S, generator, config.estimator)
+            log_prior_z, entropy_z = lp * (num_data / B), ent * (num_data / B)
+        ll = self.likelihood(model).decoded_total(model, x_batch, z, theta) / S * (num_data / B)
+        if not fused_theta:
+            log_prior_theta, entropy_theta = self.theta_terms(model, theta, config.estimator)
+        return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` available as ``objective.kind = cls.kind``."""
+    OBJECTIVES[cls.kind] = cls()
+    return cls
+
+
+def get_objective(kind: str) -> Objective:
+    if kind not in OBJECTIVES:
+        from .plugins import load_entry_points
+
+        load_entry_points()
+    return OBJECTIVES[kind]
+
+
+@register_objective
+class ELBO(Objective):
+    """The evidence lower bound of SPEC §3: every term a proper log density."""
+
+    kind = "elbo"
+    fused_mc = True
+
+    def likelihood(self, model):
+        return likelihood_of(model)
+
+    def mc_local_terms(self, z, eps, log_sigma):
+        S = z.shape[0]
+        return dens.standard_normal_log_prob(z).sum() / S, -dens.normal_log_prob_from_noise(eps, log_sigma).sum() / S
+
+    def mc_theta_terms(self, values, eps, log_scale, prior_scale):
+        S = values.shape[0]
+        prior = dens.standard_normal_log_prob_total(values, prior_scale) / S
+        log_q = dens.normal_log_prob_from_noise_total(eps, log_scale) / S
+        return prior, -log_q
+
+
+@register_objective
+class Legacy2024(Objective):
+    """The published code's objective (SPEC §3), for number-for-number replication: its likelihood,
+    priors and log q drop constants and put the standard deviation where the variance belongs. Not an
+    ELBO; defined by its Monte Carlo terms only."""
+
+    kind = "legacy-2024"
+    _likelihood = Legacy2024Likelihood()
+
+    def likelihood(self, model):
+        return self._likelihood
+
+    def mc_local_terms(self, z, eps, log_sigma):
+        S = z.shape[0]
+        return dens.legacy_log_prior_z(z).sum() / S, -dens.legacy_log_q(eps, log_sigma).sum() / S
+
+    def mc_theta_terms(self, values, eps, log_scale, prior_scale):
+        S = values.shape[0]
+        prior = dens.legacy_log_prior_theta(values).sum() / S
+        log_q = dens.legacy_log_q(eps, log_scale).sum() / S
+        return prior, -log_q
+
+
+def objective_terms(model: BayesianDecoder, family: VariationalFamily, x_batch: torch.Tensor,
+                    idx_batch: torch.Tensor | None, *, num_data: int, config: ObjectiveConfig,
+                    generator: torch.Generator | None = None, x_all: torch.Tensor | None = None) -> ObjectiveTerms:
+    """:meth:`Objective.terms` of the objective ``config.kind``."""
+    return get_objective(config.kind).terms(model, family, x_batch, idx_batch, num_data=num_data, config=config,
+                                            generator=generator, x_all=x_all)
 
 
 def negative_elbo(model, family, x_batch, idx_batch, *, num_data, config, generator=None, x_all=None) -> torch.Tensor:

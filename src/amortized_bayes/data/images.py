@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 from collections.abc import Callable
 
 import numpy as np
@@ -121,7 +120,7 @@ def _to_unit_interval(a: np.ndarray, name: str) -> np.ndarray:
     return out
 
 
-def check_pixels(pixels: np.ndarray, likelihood: Literal["gaussian", "bernoulli"], name: str) -> None:
+def check_pixels(pixels: np.ndarray, likelihood: str, name: str) -> None:
     """Refuse values the model's likelihood cannot score: outside [0, 1] for the Gaussian, anything but
     0 and 1 for the Bernoulli."""
     if likelihood == "bernoulli":
@@ -137,7 +136,7 @@ def check_pixels(pixels: np.ndarray, likelihood: Literal["gaussian", "bernoulli"
                               "automatically)")
 
 
-def read_images(path: str | Path, shape: tuple[int, int], *, likelihood: Literal["gaussian", "bernoulli"] = "gaussian",
+def read_images(path: str | Path, shape: tuple[int, int], *, likelihood: str = "gaussian",
                 key: str | None = None, invert: bool = False, binarize: float | None = None,
                 note: Note = _quiet) -> ImageBatch:
     """Read ``path`` (an ``.npy``/``.npz`` array, an IDX file, one PNG or a folder of PNGs) as images of
