@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig
+from .experiments.lifecycle import RunState
 from .experiments.store import ResultStore, read_evals, read_json, read_mse_trace, read_steps
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -142,7 +143,7 @@ def load_results(root: str | Path) -> Results:
     store = ResultStore(root)
     results = Results(Path(root), read_json(Path(root) / "grid.json", {}) or {})
     for rec in store.records():
-        if rec.state != "done":
+        if rec.state != RunState.DONE:
             results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
             continue
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),

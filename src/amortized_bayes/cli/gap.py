@@ -65,6 +65,7 @@ def _print(run_id: str, result: dict) -> None:
 
 
 def cmd_gap(args) -> int:
+    from ..experiments.lifecycle import RunState
     from ..experiments.local import cpu_count
     from ..experiments.store import ResultStore
     from ..gap import AISConfig, GapConfig
@@ -82,7 +83,7 @@ def cmd_gap(args) -> int:
                        ais=ais, theta_draws=args.theta_draws)
     if not args.out.is_dir():
         raise UserError(f"{args.out} is not a results folder")
-    records = [r for r in ResultStore(args.out).records() if r.state == "done"]
+    records = [r for r in ResultStore(args.out).records() if r.state == RunState.DONE]
     if not records:
         raise UserError(f"no finished runs in {args.out}")
     stored, todo = {}, []

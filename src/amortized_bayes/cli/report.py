@@ -35,13 +35,14 @@ def _tolerance(text: str) -> tuple[str, float]:
 
 
 def cmd_report(args) -> int:
+    from ..experiments.lifecycle import RunState
     from ..experiments.store import ResultStore
     from ..report import build_report
     from .errors import UserError
 
     if not args.out.is_dir():
         raise UserError(f"{args.out} is not a results folder")
-    if not any(r.state == "done" for r in ResultStore(args.out).records()):
+    if not any(r.state == RunState.DONE for r in ResultStore(args.out).records()):
         raise UserError(f"no finished runs in {args.out}: nothing to report")
     if args.images < 1:
         raise UserError("--images must be >= 1")

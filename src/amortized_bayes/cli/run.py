@@ -78,6 +78,7 @@ def _fmt_seconds(s: float | None) -> str:
 
 
 def cmd_run(args) -> int:
+    from ..experiments.lifecycle import plan_runs
     from ..experiments.local import default_threads, run_local
     from ..experiments.store import ResultStore
 
@@ -132,16 +133,17 @@ def cmd_run(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     store.save_grid(grid.to_dict())
-    workers = args.workers or default_workers(sum(r.state != "done" for r in records))
+    plan = plan_runs(records)
+    todo = plan.todo
+    workers = args.workers or default_workers(len(plan.todo) + len(plan.busy))
     threads = args.threads or (1 if args.executor == "ray" else default_threads(workers))
-    todo = [r for r in records if r.state != "done" and not r.alive]
-    for r in records:
-        if r.alive:
-            print(f"note: {r.run_id} is being run by a live worker (pid {r.status.get('pid')}); not starting it "
-                  "again", flush=True)
+    for r in plan.busy:
+        print(f"note: {r.run_id} is being run by a live worker (pid {r.status.get('pid')}); not starting it "
+              "again", flush=True)
     how = (f"as Ray tasks of {threads} CPU(s) each" + (f" on {args.address}" if args.address else " (local Ray)")
            if args.executor == "ray" else f"with {workers} worker(s) x {threads} thread(s)")
-    print(f"{grid.name}: {len(records)} runs, {len(records) - len(todo)} already done, {len(todo)} to run "
+    elsewhere = f"{len(plan.busy)} running elsewhere, " if plan.busy else ""
+    print(f"{grid.name}: {len(records)} runs, {len(plan.done)} already done, {elsewhere}{len(todo)} to run "
           f"{how} -> {out}", flush=True)
     progress = _Progress(len(todo), store)
     started = time.time()
