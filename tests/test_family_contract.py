@@ -184,6 +184,8 @@ def test_a_family_is_found_through_an_entry_point(tmp_path):
     kind, rid = proc.stdout.split()
     # Its own name in the id: a subclass of A-VI under a new name does not pass for A-VI.
     assert kind == "EncoderConfig" and rid.startswith("mnist-toy-k8-s0-")
+    listing = _cli("list", env=env).stdout
+    assert "toy (toy; fields: width, depth)" in listing.split("registered families:")[1]
     # Without the distribution, the name is refused with one line that says where families come from.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown family 'toy'" in proc.stderr and "amortized_bayes.plugins" in proc.stderr

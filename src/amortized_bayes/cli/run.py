@@ -267,4 +267,15 @@ def cmd_list(args) -> int:
             fams.append(f.get("name", "?") + (f" k={f['width']}" if "width" in f else ""))
         if fams:
             print(f"  families: {', '.join(fams)}")
+    from ..families import registered_families
+    from ..likelihoods import LIKELIHOODS
+    from ..objectives import OBJECTIVES
+
+    # What a grid may name: the built-in ones and those of installed plugins (entry points).
+    families = registered_families()
+    print("\nregistered families: " + ", ".join(
+        f"{name} ({cls.title}; fields: {', '.join(f for f in cls.config_class.__dataclass_fields__ if f != 'name')})"
+        for name, cls in families.items()))
+    print(f"registered likelihoods: {', '.join(LIKELIHOODS)}")
+    print(f"registered objectives: {', '.join(OBJECTIVES)}")
     return 0
