@@ -184,6 +184,10 @@ def test_a_family_is_found_through_an_entry_point(tmp_path):
     kind, rid = proc.stdout.split()
     # Its own name in the id: a subclass of A-VI under a new name does not pass for A-VI.
     assert kind == "EncoderConfig" and rid.startswith("mnist-toy-k8-s0-")
+    from importlib.metadata import entry_points
+
+    # The package declares its own modules in the group (pyproject.toml), as a plugin package would.
+    assert {"families", "likelihoods", "objectives"} <= {e.name for e in entry_points(group="amortized_bayes.plugins")}
     listing = _cli("list", env=env).stdout
     assert "toy (toy; fields: width, depth)" in listing.split("registered families:")[1]
     # Without the distribution, the name is refused with one line that says where families come from.
