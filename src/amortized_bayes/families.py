@@ -21,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, EncoderConfig, FamilyConfig, FreeFactorConfig, SemiAmortizedConfig
+from .config import EncoderConfig, FamilyConfig, FreeFactorConfig, SemiAmortizedConfig
+from .plugins import Registry
 
 # (x (B, D), mu (B, d), log_sigma (B, d)) -> per-datapoint local ELBO (B,) with theta held fixed.
 LocalELBO = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-FAMILIES: dict[str, type[VariationalFamily]] = {}
+FAMILIES: Registry[type[VariationalFamily]] = Registry("family", "family.name")
 
 
 def register_family(cls: type[VariationalFamily]) -> type[VariationalFamily]:
@@ -45,23 +46,12 @@ def register_family(cls: type[VariationalFamily]) -> type[VariationalFamily]:
 
 def get_family(name: str) -> type[VariationalFamily]:
     """The family registered as ``name``, looking in the plugins' entry points when it is not (yet)."""
-    if name not in FAMILIES:
-        from .plugins import ENTRY_POINT_GROUP, load_entry_points
-
-        load_entry_points()
-        if name not in FAMILIES:
-            raise ConfigError(f"family.name: unknown family {name!r}; known: {', '.join(FAMILIES)} (a family "
-                              f"defined elsewhere needs the grid file's plugins = [...] or an entry point "
-                              f"in the group {ENTRY_POINT_GROUP})")
-    return FAMILIES[name]
+    return FAMILIES.lookup(name)
 
 
 def registered_families() -> dict[str, type[VariationalFamily]]:
     """Every family: the built-in ones and those of the plugins' entry points."""
-    from .plugins import load_entry_points
-
-    load_entry_points()
-    return dict(FAMILIES)
+    return FAMILIES.everything()
 
 
 def family_field_names() -> set[str]:

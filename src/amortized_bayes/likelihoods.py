@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import densities as dens
+from .plugins import Registry
 
 if TYPE_CHECKING:
     from .model import BayesianDecoder, ThetaDraw
@@ -50,21 +51,14 @@ class Likelihood(ABC):
         return out
 
 
-LIKELIHOODS: dict[str, Likelihood] = {}
+LIKELIHOODS: Registry[Likelihood] = Registry("likelihood", "model.likelihood")
+get_likelihood = LIKELIHOODS.lookup
 
 
 def register_likelihood(cls: type[Likelihood]) -> type[Likelihood]:
     """Class decorator: make ``cls`` available as ``model.likelihood = cls.name``."""
     LIKELIHOODS[cls.name] = cls()
     return cls
-
-
-def get_likelihood(name: str) -> Likelihood:
-    if name not in LIKELIHOODS:
-        from .plugins import load_entry_points
-
-        load_entry_points()
-    return LIKELIHOODS[name]
 
 
 @register_likelihood

@@ -29,6 +29,7 @@ from .config import ObjectiveConfig
 from .families import LocalELBO, VariationalFamily
 from .likelihoods import Legacy2024Likelihood, Likelihood, get_likelihood
 from .model import BayesianDecoder, ThetaDraw
+from .plugins import Registry
 
 
 @dataclass
@@ -226,21 +227,14 @@ class Objective(ABC):
         return ObjectiveTerms(ll, log_prior_z, entropy_z, log_prior_theta, entropy_theta)
 
 
-OBJECTIVES: dict[str, Objective] = {}
+OBJECTIVES: Registry[Objective] = Registry("objective", "objective.kind")
+get_objective = OBJECTIVES.lookup
 
 
 def register_objective(cls: type[Objective]) -> type[Objective]:
     """Class decorator: make ``cls`` available as ``objective.kind = cls.kind``."""
     OBJECTIVES[cls.kind] = cls()
     return cls
-
-
-def get_objective(kind: str) -> Objective:
-    if kind not in OBJECTIVES:
-        from .plugins import load_entry_points
-
-        load_entry_points()
-    return OBJECTIVES[kind]
 
 
 @register_objective

@@ -20,8 +20,11 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
+from typing import Generic, TypeVar
 
 from .config import ConfigError
+
+T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "amortized_bayes.plugins"
 
@@ -96,3 +99,26 @@ def load_entry_points() -> None:
         except Exception as exc:  # noqa: BLE001 - a broken third-party plugin must say which one it is
             raise ConfigError(f"plugin entry point {point.name} = {point.value!r} failed to load: "
                               f"{type(exc).__name__}: {exc}") from exc
+
+
+class Registry(dict, Generic[T]):
+    """Name -> a registered family class, likelihood or objective. A name not registered is looked for
+    once in the plugins' entry points before it is refused, with the config field named."""
+
+    def __init__(self, what: str, field: str):
+        super().__init__()
+        self.what, self.field = what, field
+
+    def lookup(self, name: str) -> T:
+        if name not in self:
+            load_entry_points()
+        if name not in self:
+            raise ConfigError(f"{self.field}: unknown {self.what} {name!r}; known: {', '.join(self)} (one defined "
+                              f"elsewhere needs the grid file's plugins = [...] or an entry point in the group "
+                              f"{ENTRY_POINT_GROUP})")
+        return self[name]
+
+    def everything(self) -> dict[str, T]:
+        """Every registered entry, the plugins' entry points loaded first."""
+        load_entry_points()
+        return dict(self)
