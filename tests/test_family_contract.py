@@ -189,7 +189,7 @@ def test_a_family_is_found_through_an_entry_point(tmp_path):
     # The package declares its own modules in the group (pyproject.toml), as a plugin package would.
     assert {"families", "likelihoods", "objectives"} <= {e.name for e in entry_points(group="amortized_bayes.plugins")}
     listing = _cli("list", env=env).stdout
-    assert "toy (toy; fields: width, depth)" in listing.split("registered families:")[1]
+    assert "toy (toy; fields: width, depth, architecture)" in listing.split("registered families:")[1]
     # Without the distribution, the name is refused with one line that says where families come from.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown family 'toy'" in proc.stderr and "amortized_bayes.plugins" in proc.stderr

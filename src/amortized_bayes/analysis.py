@@ -41,23 +41,32 @@ class Method(str):
     width: int | None
     objective: str
     rank: int
+    decoder: str
 
-    def __new__(cls, label: str, *, family: str, width: int | None, objective: str, rank: int) -> Method:
+    def __new__(cls, label: str, *, family: str, width: int | None, objective: str, rank: int,
+                decoder: str = "mlp") -> Method:
         method = super().__new__(cls, label)
         method.family, method.width, method.objective, method.rank = family, width, objective, rank
+        method.decoder = decoder
         return method
 
     def __reduce__(self):
-        return (_method, (str(self), self.family, self.width, self.objective, self.rank))
+        return (_method, (str(self), self.family, self.width, self.objective, self.rank, self.decoder))
+
+    @property
+    def model(self) -> tuple[str, str]:
+        """What A-VI is compared within: F-VI of the same objective and decoder architecture."""
+        return (self.objective, self.decoder)
 
     @property
     def order(self) -> tuple:
-        """Sort key: family rank (A-VI, SA-VI, F-VI, constant-VI, then others), width, label."""
-        return (self.rank, self.width or 0, str(self))
+        """Sort key: decoder (MLP first), family rank (A-VI, SA-VI, F-VI, constant-VI, then others),
+        width, label."""
+        return (self.decoder != "mlp", self.decoder, self.rank, self.width or 0, str(self))
 
 
-def _method(label, family, width, objective, rank) -> Method:
-    return Method(label, family=family, width=width, objective=objective, rank=rank)
+def _method(label, family, width, objective, rank, decoder="mlp") -> Method:
+    return Method(label, family=family, width=width, objective=objective, rank=rank, decoder=decoder)
 
 
 def method_of(config: RunConfig) -> Method:
@@ -68,8 +77,10 @@ def method_of(config: RunConfig) -> Method:
     label = family.label(config.family)
     if config.objective.kind != "elbo":
         label += f" ({config.objective.kind})"
+    if config.model.architecture != "mlp":
+        label += f", {config.model.architecture} decoder"
     return Method(label, family=config.family.name, width=family.encoder_width(config.family),
-                  objective=config.objective.kind, rank=family.rank)
+                  objective=config.objective.kind, rank=family.rank, decoder=config.model.architecture)
 
 
 def method_label(config: RunConfig) -> Method:
@@ -422,14 +433,14 @@ AVI, FVI = "amortized", "factorized"  # the two families the study's claims comp
 
 def dataset_table(results: Results, dataset: str) -> DatasetTable:
     """The summary table of one dataset: per method, medians over seeds; each A-VI row against the F-VI
-    row of the same objective, with bootstrap CIs and the speed-ups to tolerance in seconds and epochs;
-    and the verdicts."""
+    row of the same objective and decoder architecture, with bootstrap CIs and the speed-ups to
+    tolerance in seconds and epochs; and the verdicts."""
     metric, tol = results.tolerance(dataset)
     rows = {m: method_summary(runs, metric, tol, m) for m, runs in methods_of(results.groups.get(dataset, {}))}
-    fvi_rows = {m.objective: row for m, row in rows.items() if m.family == FVI}
+    fvi_rows = {m.model: row for m, row in rows.items() if m.family == FVI}
     comparisons = {}
     for method, row in rows.items():
-        fvi = fvi_rows.get(method.objective)
+        fvi = fvi_rows.get(method.model)
         if fvi is None or method.family != AVI:
             continue
         f, a = fvi.per_seed, row.per_seed

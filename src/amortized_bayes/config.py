@@ -186,6 +186,11 @@ class ModelConfig:
     """The Bayesian decoder (SPEC §1): d -> H x depth -> D, LeakyReLU(0.2), prior N(0, prior_scale^2 I)
     on every weight and bias, q(theta) = N(m, diag s^2) with log s initialised at ``init_log_scale``.
 
+    ``architecture``: a registered decoder network (:mod:`amortized_bayes.model`): "mlp" (``hidden``
+    units in each of ``depth`` hidden layers) or "conv" (a linear layer to a feature map, then ``depth``
+    transposed convolutions from ``channels`` x 2^(depth-1) channels down to ``channels`` and the image;
+    square images only). A shape field the architecture does not read does not enter the run id.
+
     ``obs_var`` is sigma_x^2 of the Gaussian likelihood (ignored for ``bernoulli``), or "learned": one
     scalar fitted as a point estimate (type-II maximum likelihood) inside the same objective, from 1, and
     recorded at each evaluation.
@@ -196,6 +201,8 @@ class ModelConfig:
     hidden: int = 256
     depth: int = 2
     data_dim: int = 784
+    architecture: str = "mlp"  # a registered decoder network (model.py): mlp, conv
+    channels: int = 32
     prior_scale: float = 1.0
     likelihood: str = "gaussian"  # a registered likelihood (likelihoods.py): gaussian, bernoulli
     obs_var: Union[float, Literal["learned"]] = 1.0
@@ -204,6 +211,7 @@ class ModelConfig:
 
     def __post_init__(self):
         from .likelihoods import get_likelihood
+        from .model import get_architecture
 
         _check_types(self, "model")
         get_likelihood(self.likelihood)  # a plugin's likelihood is found through its entry point
@@ -216,6 +224,8 @@ class ModelConfig:
         _check(self.obs_var == "learned" or self.obs_var > 0, "model.obs_var",
                f"must be > 0 or 'learned', got {self.obs_var}")
         _in_range(self.init_log_scale, -100.0, 20.0, "model.init_log_scale")
+        _in_range(self.channels, 1, 4096, "model.channels")
+        get_architecture(self.architecture).check(self)
 
 
 @dataclass(frozen=True)
@@ -246,10 +256,12 @@ class FamilyConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig(FamilyConfig):
-    """An encoder MLP's ``width`` (units per hidden layer, k) and ``depth`` (hidden layers): A-VI."""
+    """A-VI's encoder: ``architecture`` "mlp" (``width`` units, k, in each of ``depth`` hidden layers) or
+    "conv" (``depth`` strided convolutions of ``width`` channels each; square images only)."""
 
     width: int = 64
     depth: int = 2
+    architecture: Literal["mlp", "conv"] = "mlp"
 
     def check(self) -> None:
         _in_range(self.width, 1, 65_536, "family.width")
@@ -415,6 +427,8 @@ class RunConfig:
         if isinstance(self.plugins, list):
             object.__setattr__(self, "plugins", tuple(self.plugins))
         _check_types(self, "config")
+        from .families import get_family
+
         if self.data.is_file:
             pixels = self.data.image_shape[0] * self.data.image_shape[1]
             if self.model.data_dim == ModelConfig().data_dim and pixels != self.model.data_dim:
@@ -423,6 +437,7 @@ class RunConfig:
             _check(self.model.data_dim == pixels, "model.data_dim",
                    f"must be {pixels} (the file's {self.data.image_shape[0]}x{self.data.image_shape[1]} images), "
                    f"got {self.model.data_dim}")
+        get_family(self.family.name).check_model(self.family, self.model)
         n = self.data.n_train
         if n is not None and self.train.batch_size is not None:
             _check(self.train.batch_size <= n, "train.batch_size",

@@ -12,6 +12,7 @@ a grid file's ``plugins`` or an entry point (:mod:`amortized_bayes.plugins`).
 from __future__ import annotations
 
 import copy
+import math
 from abc import ABC, abstractmethod
 from dataclasses import fields
 from typing import ClassVar
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import EncoderConfig, FamilyConfig, FreeFactorConfig, SemiAmortizedConfig
+from .config import ConfigError, EncoderConfig, FamilyConfig, FreeFactorConfig, ModelConfig, SemiAmortizedConfig
 from .plugins import Registry
 
 # (x (B, D), mu (B, d), log_sigma (B, d)) -> per-datapoint local ELBO (B,) with theta held fixed.
@@ -109,6 +110,11 @@ class VariationalFamily(nn.Module, ABC):
         return getattr(config, "width", None)
 
     @classmethod
+    def check_model(cls, config: FamilyConfig, model: ModelConfig) -> None:
+        """Refuse, with a :class:`~amortized_bayes.config.ConfigError`, a family config that cannot work
+        with this decoder's config (images its encoder cannot read, say). Called by ``RunConfig``."""
+
+    @classmethod
     @abstractmethod
     def from_config(cls, config: FamilyConfig, *, num_data: int, data_dim: int, latent_dim: int,
                     sparse: bool = False) -> VariationalFamily:
@@ -145,10 +151,23 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def conv_encoder(side: int, width: int, depth: int) -> nn.Sequential:
+    """(B, side * side) images -> (B, width * (side / 2^depth)^2) features: ``depth`` convolutions of
+    ``width`` channels (kernel 4, stride 2, padding 1: each halves the side), LeakyReLU(0.2) between them
+    (the encoder applies the last one)."""
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+    for block in range(depth):
+        if block > 0:
+            layers.append(nn.LeakyReLU(0.2))
+        layers.append(nn.Conv2d(1 if block == 0 else width, width, kernel_size=4, stride=2, padding=1))
+    layers.append(nn.Flatten(1))
+    return nn.Sequential(*layers)
+
+
 @register_family
 class AmortizedFamily(VariationalFamily):
-    """A-VI: an encoder MLP D -> k (x depth) with LeakyReLU(0.2), and linear mean and log-sd heads.
-    ``depth`` 0 makes both heads linear in x."""
+    """A-VI: an encoder, MLP D -> k (x depth) or ``depth`` strided convolutions of k channels, with
+    LeakyReLU(0.2), and linear mean and log-sd heads. An MLP of ``depth`` 0 makes both heads linear in x."""
 
     name = "amortized"
     short_name, title = "avi", "A-VI"
@@ -158,23 +177,53 @@ class AmortizedFamily(VariationalFamily):
 
     @classmethod
     def short_id(cls, config):
-        return f"{cls.short_name}-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "")
+        return (f"{cls.short_name}-k{config.width}" + (f"-L{config.depth}" if config.depth != 2 else "")
+                + ("-conv" if config.architecture == "conv" else ""))
 
     @classmethod
     def label(cls, config):
-        return f"{cls.title} k={config.width}" + (f" L={config.depth}" if config.depth != 2 else "")
+        return f"{cls.title} k={config.width}{cls._label_details(config)}"
 
-    def __init__(self, data_dim: int, latent_dim: int, width: int, depth: int):
+    @classmethod
+    def _label_details(cls, config) -> str:
+        """What a label adds after the width: the depth when not 2, then anything a subclass adds, then
+        the encoder's architecture when not an MLP."""
+        return ((f" L={config.depth}" if config.depth != 2 else "") + cls._label_extra(config)
+                + (" conv" if config.architecture == "conv" else ""))
+
+    @classmethod
+    def _label_extra(cls, config) -> str:
+        return ""
+
+    @classmethod
+    def check_model(cls, config, model):
+        if config.architecture != "conv":
+            return
+        side = math.isqrt(model.data_dim)
+        if side * side != model.data_dim:
+            raise ConfigError(f"family.architecture: the conv encoder needs square images, and model.data_dim "
+                              f"{model.data_dim} is not a square")
+        if config.depth < 1 or side % 2 ** config.depth:
+            raise ConfigError(f"family.depth: the conv encoder needs 1 or more convolutions and an image side "
+                              f"divisible by 2^depth; got depth {config.depth} for {side} x {side} images")
+
+    def __init__(self, data_dim: int, latent_dim: int, width: int, depth: int, architecture: str = "mlp"):
         super().__init__()
         self.width, self.depth = width, depth
-        self.trunk = mlp([data_dim] + [width] * depth) if depth > 0 else nn.Identity()
-        features = width if depth > 0 else data_dim
+        self.trunk: nn.Module
+        if architecture == "conv":
+            side = math.isqrt(data_dim)
+            self.trunk = conv_encoder(side, width, depth)
+            features = width * (side // 2 ** depth) ** 2
+        else:
+            self.trunk = mlp([data_dim] + [width] * depth) if depth > 0 else nn.Identity()
+            features = width if depth > 0 else data_dim
         self.mean_head = nn.Linear(features, latent_dim)
         self.log_sigma_head = nn.Linear(features, latent_dim)
 
     @classmethod
     def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
-        return cls(data_dim, latent_dim, config.width, config.depth)
+        return cls(data_dim, latent_dim, config.width, config.depth, config.architecture)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
@@ -205,18 +254,18 @@ class SemiAmortizedFamily(AmortizedFamily):
         return f"{super().short_id(config)}-K{config.refine_steps}"
 
     @classmethod
-    def label(cls, config):
-        return f"{cls.title} k={config.width} K={config.refine_steps}"
+    def _label_extra(cls, config):
+        return f" K={config.refine_steps}"
 
     def __init__(self, data_dim, latent_dim, width, depth, steps: int, lr: float, backprop: bool,
-                 max_norm: float = 0.0):
-        super().__init__(data_dim, latent_dim, width, depth)
+                 max_norm: float = 0.0, architecture: str = "mlp"):
+        super().__init__(data_dim, latent_dim, width, depth, architecture)
         self.steps, self.lr, self.backprop, self.max_norm = steps, lr, backprop, max_norm
 
     @classmethod
     def from_config(cls, config, *, num_data, data_dim, latent_dim, sparse=False):
         return cls(data_dim, latent_dim, config.width, config.depth, config.refine_steps, config.refine_lr,
-                   config.refine_backprop, config.refine_max_norm)
+                   config.refine_backprop, config.refine_max_norm, config.architecture)
 
     def local_params(self, x, idx, refine=None):
         mu0, log_sigma0 = self.encode(x)

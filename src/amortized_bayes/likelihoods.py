@@ -87,7 +87,7 @@ class GaussianLikelihood(Likelihood):
 
     def decoded_total(self, model, x, z, theta):
         var, log_var = model.gaussian_variance()
-        if theta.num_samples == 1:  # one theta for every z: the last layer fused with the likelihood
+        if theta.num_samples == 1 and model.affine_output:  # one theta for every z: last layer and sum fused
             h = model.features(z, theta)
             weight, bias = model.output_layer(theta)
             rows = x if h.shape[0] == 1 else x.repeat(h.shape[0], 1)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .plugins import Registry
 
 NEGATIVE_SLOPE = 0.2
 
@@ -60,27 +63,201 @@ class ThetaDraw:
         return int(self.values[0].shape[0])
 
 
+class DecoderNetwork(ABC):
+    """The deterministic network Omega(z; theta) of a Bayesian decoder: which tensors theta holds and
+    how a draw of them decodes z. The extension point for decoder architectures (``model.architecture``):
+    a subclass registered with :func:`register_architecture` says
+
+    - ``name``: its value of ``model.architecture``;
+    - ``config_fields``: the :class:`~amortized_bayes.config.ModelConfig` fields of its shape among
+      ``SHAPE_FIELDS`` (the others are reset to their defaults in run ids, so that a field it does not
+      read cannot split a grid);
+    - :meth:`tensors`: the shape and fan-in of every weight and bias, in the order of the flat q(theta);
+    - :meth:`decode`: Omega for S draws;
+    - :meth:`check`: the configs it refuses, with the field and the reason;
+
+    and, when its last layer is affine in the activations before it (``affine_output``), :meth:`features`
+    (the last layer is then the last weight and bias of :meth:`tensors`), which lets the Gaussian
+    likelihood fuse that layer with its sum.
+    """
+
+    name: ClassVar[str]
+    config_fields: ClassVar[frozenset[str]]
+    affine_output: ClassVar[bool] = False
+    SHAPE_FIELDS: ClassVar[frozenset[str]] = frozenset({"hidden", "depth", "channels"})
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+
+    @classmethod
+    def check(cls, config: ModelConfig) -> None:
+        """Raise a :class:`~amortized_bayes.config.ConfigError` for a config this network cannot build."""
+        return None
+
+    @abstractmethod
+    def tensors(self) -> list[tuple[tuple[int, ...], int]]:
+        """(shape, fan_in) of every weight and bias, in the flat order of q(theta). ``fan_in`` gives the
+        bound of PyTorch's default init of that layer: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+
+    def decode(self, z: torch.Tensor, theta: ThetaDraw) -> torch.Tensor:
+        """Omega(z; theta): z (S, B, d) paired with S draws of theta, or (..., B, d) all decoded with a
+        single draw (S = 1) -> (S, B, D) or (..., B, D). A network with ``affine_output`` need not
+        define it (the decoder applies the last layer to :meth:`features`)."""
+        raise NotImplementedError(f"the {self.name} decoder network must define decode")
+
+    def features(self, z: torch.Tensor, theta: ThetaDraw) -> torch.Tensor:
+        """The activations entering the affine last layer (only when ``affine_output``)."""
+        raise NotImplementedError(f"the {self.name} decoder's last layer is not affine")
+
+
+ARCHITECTURES: Registry[type[DecoderNetwork]] = Registry("decoder architecture", "model.architecture")
+
+
+def register_architecture(cls: type[DecoderNetwork]) -> type[DecoderNetwork]:
+    """Class decorator: make ``cls`` available as ``model.architecture = cls.name``."""
+    from .config import check_safe_name
+
+    check_safe_name(cls.name, f"architecture name of {cls.__name__}")
+    ARCHITECTURES[cls.name] = cls
+    return cls
+
+
+def get_architecture(name: str) -> type[DecoderNetwork]:
+    """The decoder network registered as ``name`` (looking in the plugins' entry points if needed)."""
+    return ARCHITECTURES.lookup(name)
+
+
+def _single(tensor: torch.Tensor) -> torch.Tensor:
+    """A (1, *shape) draw as a (*shape) view: a view, not indexing, so that the backward builds no
+    zero-padded gradient."""
+    return tensor.view(tensor.shape[1:])
+
+
+@register_architecture
+class MLPNetwork(DecoderNetwork):
+    """d -> H (x depth) -> D, LeakyReLU(0.2) after every hidden layer (SPEC §1). ``model.hidden`` is H,
+    ``model.depth`` the number of hidden layers."""
+
+    name = "mlp"
+    config_fields = frozenset({"hidden", "depth"})
+    affine_output = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        sizes = [config.latent_dim] + [config.hidden] * config.depth + [config.data_dim]
+        self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
+
+    def tensors(self):
+        return [(shape, fan_in) for fan_in, fan_out in self.layer_sizes
+                for shape in ((fan_out, fan_in), (fan_out,))]
+
+    def features(self, z, theta):
+        if z.dim() == 2:
+            z = z.unsqueeze(0)
+        single = theta.values[0].shape[0] == 1
+        # One theta for every z: plain matrix products on (S*B, .) rows (mm backward, no batching).
+        h = z.reshape(-1, z.shape[-1]) if single else z
+        for layer in range(len(self.layer_sizes) - 1):
+            weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
+            if single:
+                h = torch.addmm(_single(bias), h, _single(weight).T)
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+            # In place on the fresh product (one buffer less); its backward needs only the output.
+            h = F.leaky_relu_(h, NEGATIVE_SLOPE)
+        return h.view(*z.shape[:-1], -1) if single else h
+
+
+@register_architecture
+class ConvNetwork(DecoderNetwork):
+    """A linear layer from z to a (C 2^(L-1)) x s x s feature map (s = side / 2^L), then L transposed
+    convolutions (kernel 4, stride 2, padding 1: each doubles the side) halving the channels down to C
+    and then to the image's one channel, LeakyReLU(0.2) after every layer but the last. C is
+    ``model.channels``, L is ``model.depth``; the images must be square with a side divisible by 2^L.
+    On 28 x 28 images with C = 32, L = 2: z -> 64 x 7 x 7 -> 32 x 14 x 14 -> 1 x 28 x 28.
+
+    S draws of theta decode their S draws of z as one grouped convolution per layer (group s holds draw
+    s's channels): the work of S separate decoders, without a Python loop."""
+
+    name = "conv"
+    config_fields = frozenset({"channels", "depth"})
+    KERNEL, STRIDE, PADDING = 4, 2, 1
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.check(config)
+        self.map_side = math.isqrt(config.data_dim) // 2 ** config.depth
+        self.channels = [config.channels * 2 ** (config.depth - 1 - i) for i in range(config.depth)] + [1]
+
+    @classmethod
+    def check(cls, config):
+        from .config import ConfigError
+
+        side = math.isqrt(config.data_dim)
+        if side * side != config.data_dim:
+            raise ConfigError(f"model.architecture: the conv decoder needs square images, and data_dim "
+                              f"{config.data_dim} is not a square")
+        if config.depth < 1:
+            raise ConfigError("model.depth: the conv decoder needs at least 1 transposed convolution, got 0")
+        if side % 2 ** config.depth:
+            raise ConfigError(f"model.depth: {config.depth} transposed convolutions need an image side divisible "
+                              f"by {2 ** config.depth}, and the images are {side} x {side}")
+
+    def tensors(self):
+        k, d = self.KERNEL, self.config.latent_dim
+        first = self.channels[0] * self.map_side ** 2
+        out = [((first, d), d), ((first,), d)]
+        for c_in, c_out in zip(self.channels[:-1], self.channels[1:]):
+            # PyTorch's ConvTranspose2d takes its init bound from weight.size(1) * k * k = c_out * k^2.
+            out += [((c_in, c_out, k, k), c_out * k * k), ((c_out,), c_out * k * k)]
+        return out
+
+    def decode(self, z, theta):
+        draws = theta.num_samples
+        if draws == 1:
+            rows = z.reshape(-1, z.shape[-1])
+            h = torch.addmm(_single(theta.values[1]), rows, _single(theta.values[0]).T)  # (R, F)
+            lead = z.shape[:-1] if z.dim() > 2 else (1, z.shape[0])
+        else:  # z (S, B, d) paired with the S draws
+            if z.dim() == 2:
+                z = z.unsqueeze(0).expand(draws, -1, -1)
+            lead = z.shape[:-1]
+            # (B, S, F): draw s's feature maps become channel group s
+            h = torch.baddbmm(theta.values[1].unsqueeze(1), z, theta.values[0].transpose(1, 2)).transpose(0, 1)
+        batch = h.shape[0]
+        h = F.leaky_relu(h, NEGATIVE_SLOPE).reshape(batch, draws * self.channels[0], self.map_side, self.map_side)
+        blocks = len(self.channels) - 1
+        for block in range(blocks):
+            weight, bias = theta.values[2 + 2 * block], theta.values[3 + 2 * block]
+            h = F.conv_transpose2d(h, weight.reshape(-1, *weight.shape[2:]), bias.reshape(-1),
+                                   stride=self.STRIDE, padding=self.PADDING, groups=draws)
+            if block < blocks - 1:
+                h = F.leaky_relu_(h, NEGATIVE_SLOPE)
+        if draws == 1:
+            return h.view(*lead, -1)
+        return h.view(batch, draws, -1).transpose(0, 1)
+
+
 class BayesianDecoder(nn.Module):
-    """q(theta) = N(loc, diag exp(log_scale)^2) over every decoder weight and bias, plus the decoder."""
+    """q(theta) = N(loc, diag exp(log_scale)^2) over every decoder weight and bias, and the network of
+    ``config.architecture`` (:class:`DecoderNetwork`) that decodes with a draw of them."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        sizes = [config.latent_dim] + [config.hidden] * config.depth + [config.data_dim]
-        self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
+        self.network = get_architecture(config.architecture)(config)
         self.shapes: list[tuple[int, ...]] = []
         locs = []
-        for fan_in, fan_out in self.layer_sizes:
-            for shape in ((fan_out, fan_in), (fan_out,)):
-                loc = torch.empty(shape)
-                if config.init_loc == "default":
-                    # PyTorch's nn.Linear init for both weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-                    bound = 1.0 / math.sqrt(fan_in)
-                    nn.init.uniform_(loc, -bound, bound)
-                else:
-                    nn.init.zeros_(loc)
-                self.shapes.append(shape)
-                locs.append(loc.reshape(-1))
+        for shape, fan_in in self.network.tensors():
+            loc = torch.empty(shape)
+            if config.init_loc == "default":
+                # PyTorch's layer init for both weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(loc, -bound, bound)
+            else:
+                nn.init.zeros_(loc)
+            self.shapes.append(shape)
+            locs.append(loc.reshape(-1))
         self.sizes = [math.prod(shape) for shape in self.shapes]
         self.theta_loc = nn.Parameter(torch.cat(locs))
         self.theta_log_scale = nn.Parameter(torch.full((sum(self.sizes),), float(config.init_log_scale)))
@@ -88,6 +265,11 @@ class BayesianDecoder(nn.Module):
         # from 1; only a model with obs_var = "learned" has it, so others keep their state dicts.
         self.log_obs_var = nn.Parameter(torch.zeros(())) if config.obs_var == "learned" else None
         self._register_load_state_dict_pre_hook(self._from_per_tensor_keys)
+
+    @property
+    def affine_output(self) -> bool:
+        """Whether the last layer is affine in :meth:`features` (the Gaussian likelihood then fuses them)."""
+        return self.network.affine_output
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Per-tensor views (in the order W_1, b_1, ...) of a (..., P) tensor: (..., *shape_i) each."""
@@ -155,23 +337,10 @@ class BayesianDecoder(nn.Module):
         return ThetaDraw(self._split(flat), None, flat, None)
 
     def features(self, z: torch.Tensor, theta: ThetaDraw) -> torch.Tensor:
-        """The activations entering the last layer: (S, B, H) for z (S, B, d) paired with S draws of theta
-        (or (B, d), or S=1 theta broadcast over z's leading dimension)."""
-        if z.dim() == 2:
-            z = z.unsqueeze(0)
-        single = theta.values[0].shape[0] == 1
-        # One theta for every z: plain matrix products on (S*B, .) rows (mm backward, no batching).
-        h = z.reshape(-1, z.shape[-1]) if single else z
-        for layer in range(len(self.layer_sizes) - 1):
-            weight, bias = theta.values[2 * layer], theta.values[2 * layer + 1]
-            if single:
-                # Views, not indexing, so that the backward builds no zero-padded weight gradients.
-                h = torch.addmm(bias.view(bias.shape[1:]), h, weight.view(weight.shape[1:]).T)
-            else:
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-            # In place on the fresh product (one buffer less); its backward needs only the output.
-            h = F.leaky_relu_(h, NEGATIVE_SLOPE)
-        return h.view(*z.shape[:-1], -1) if single else h
+        """The activations entering the last layer, for a network with an affine output: (S, B, H) for z
+        (S, B, d) paired with S draws of theta (or (B, d), or S=1 theta broadcast over z's leading
+        dimension)."""
+        return self.network.features(z, theta)
 
     def output_layer(self, theta: ThetaDraw) -> tuple[torch.Tensor, torch.Tensor]:
         """The last layer's weight and bias in ``theta``: (S, D, H) and (S, D), or for a single draw
@@ -187,6 +356,9 @@ class BayesianDecoder(nn.Module):
         over z's leading dimension) -> (S, B, D): the Gaussian mean or the Bernoulli logits.
         ``subtract`` (B, D): return Omega - subtract instead (a residual), computed inside the last
         layer's product, which saves a pass over the (S, B, D) output."""
+        if not self.affine_output:
+            out = self.network.decode(z, theta)
+            return out if subtract is None else out - subtract
         h = self.features(z, theta)  # (S, B, H)
         weight, bias = self.output_layer(theta)
         S, B = h.shape[0], h.shape[1]

@@ -269,6 +269,7 @@ def cmd_list(args) -> int:
             print(f"  families: {', '.join(fams)}")
     from ..families import registered_families
     from ..likelihoods import LIKELIHOODS
+    from ..model import ARCHITECTURES
     from ..objectives import OBJECTIVES
 
     # What a grid may name: the built-in ones and those of installed plugins (entry points).
@@ -278,4 +279,6 @@ def cmd_list(args) -> int:
         for name, cls in families.items()))
     print(f"registered likelihoods: {', '.join(LIKELIHOODS)}")
     print(f"registered objectives: {', '.join(OBJECTIVES)}")
+    print("registered decoder architectures: " + ", ".join(
+        f"{name} (fields: {', '.join(sorted(cls.config_fields))})" for name, cls in ARCHITECTURES.everything().items()))
     return 0

@@ -16,17 +16,24 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig, check_safe_name
+from ..config import ConfigError, ModelConfig, RunConfig, check_safe_name
 
 def canonical(config: RunConfig) -> RunConfig:
     """``config`` as it is stored and hashed. A family's config holds only the fields that family uses
-    (an encoder's width given to F-VI is dropped when the config is built), so this is the config
-    itself, kept as the one place to change if a later field needs normalising."""
-    return config
+    (an encoder's width given to F-VI is dropped when the config is built); the decoder's shape fields
+    that its architecture does not read (``hidden`` for a conv decoder, ``channels`` for an MLP) are reset
+    to their defaults here, so that neither splits a grid into runs that are the same run."""
+    from ..model import DecoderNetwork, get_architecture
+
+    model = config.model
+    unused = DecoderNetwork.SHAPE_FIELDS - get_architecture(model.architecture).config_fields
+    defaults = ModelConfig()
+    reset = {name: getattr(defaults, name) for name in unused if getattr(model, name) != getattr(defaults, name)}
+    return replace(config, model=replace(model, **reset)) if reset else config
 
 
 def _non_default(raw: dict, defaults: dict) -> dict:
@@ -61,6 +68,8 @@ def describe_run(config: RunConfig) -> str:
 
     c = canonical(config)
     parts = [c.data.label, get_family(c.family.name).short_id(c.family)]
+    if c.model.architecture != "mlp":
+        parts.append(f"{c.model.architecture}dec")
     if c.objective.kind != "elbo":
         parts.append(c.objective.kind)
     parts.append(f"s{c.train.seed}")
