@@ -3,11 +3,13 @@ implementation for ``benchmarks/speed.py``. Needs the ``bench`` extra (``pip ins
 tool itself never imports Pyro.
 
 Model: z_n ~ N(0, I_d); theta: every weight and bias of the decoder MLP d -> H (x depth) -> D
-(LeakyReLU 0.2) with prior N(0, prior_scale^2), declared with ``PyroSample`` on a ``PyroModule``;
-x_n ~ N(decoder(z_n), obs_var I). Guide: ``AutoNormal`` for theta (mean-field Gaussian) and, for z,
-a hand-written local guide: an encoder network (A-VI), one free Gaussian per datapoint (F-VI), or one
-shared Gaussian (constant-VI). Subsampling through ``pyro.plate(..., subsample=idx)``, so the
-likelihood and z terms are scaled by N/B as in the tool's ``local_terms="batch"``.
+(LeakyReLU 0.2), or of the convolutional decoder (a linear layer to a feature map, then transposed
+convolutions; ``ConvDecoder``), with prior N(0, prior_scale^2), declared with ``PyroSample`` on a
+``PyroModule``; x_n ~ N(decoder(z_n), obs_var I). Guide: ``AutoNormal`` for theta (mean-field Gaussian)
+and, for z, a hand-written local guide: an encoder network (A-VI; MLP or convolutional), one free
+Gaussian per datapoint (F-VI), or one shared Gaussian (constant-VI). Subsampling through
+``pyro.plate(..., subsample=idx)``, so the likelihood and z terms are scaled by N/B as in the tool's
+``local_terms="batch"``.
 """
 
 from __future__ import annotations
@@ -42,14 +44,43 @@ class Decoder(PyroModule):
         return h
 
 
+class ConvDecoder(PyroModule):
+    """Linear d -> (C 2^(L-1)) x s x s, then L transposed convolutions (kernel 4, stride 2, padding 1)
+    halving the channels down to C and then to 1, LeakyReLU(0.2) between layers: the tool's "conv"."""
+
+    def __init__(self, latent_dim: int, channels: int, depth: int, side: int, prior_scale: float):
+        super().__init__()
+        widths = [channels * 2 ** (depth - 1 - i) for i in range(depth)] + [1]
+        self.map_shape = (widths[0], side // 2**depth, side // 2**depth)
+        layers = [PyroModule[nn.Linear](latent_dim, math.prod(self.map_shape))]
+        layers += [PyroModule[nn.ConvTranspose2d](a, b, 4, stride=2, padding=1)
+                   for a, b in zip(widths[:-1], widths[1:])]
+        self.layers = PyroModule[nn.ModuleList](layers)
+        for layer in self.layers:
+            prior = dist.Normal(0.0, prior_scale).expand(layer.weight.shape)
+            layer.weight = PyroSample(prior.to_event(layer.weight.dim()))
+            layer.bias = PyroSample(dist.Normal(0.0, prior_scale).expand(layer.bias.shape).to_event(1))
+
+    def forward(self, z):
+        h = self.layers[0](z).view(-1, *self.map_shape)
+        for layer in self.layers[1:]:
+            h = layer(nn.functional.leaky_relu(h, 0.2))
+        return h.flatten(1)
+
+
 class BayesianVAE(PyroModule):
     def __init__(self, num_data: int, latent_dim: int = 64, hidden: int = 256, depth: int = 2, data_dim: int = 784,
-                 obs_var: float = 1.0, prior_scale: float = 1.0, name: str = ""):
+                 obs_var: float = 1.0, prior_scale: float = 1.0, name: str = "", architecture: str = "mlp",
+                 channels: int = 32):
         # ``name`` prefixes every site and parameter: Pyro's parameter store is global, so models that
         # live side by side in one process need distinct names.
         super().__init__(name)
         self.num_data, self.latent_dim, self.obs_sd = num_data, latent_dim, math.sqrt(obs_var)
-        self.decoder = Decoder([latent_dim] + [hidden] * depth + [data_dim], prior_scale)
+        self.data_dim = data_dim
+        if architecture == "conv":
+            self.decoder = ConvDecoder(latent_dim, channels, depth, math.isqrt(data_dim), prior_scale)
+        else:
+            self.decoder = Decoder([latent_dim] + [hidden] * depth + [data_dim], prior_scale)
 
     def forward(self, x, idx):
         data = pyro.plate("data", self.num_data, subsample=idx)
@@ -74,6 +105,32 @@ class EncoderGuide(PyroModule):
         self.trunk = nn.Sequential(*layers)
         self.mean_head = nn.Linear(width, latent_dim)
         self.log_sigma_head = nn.Linear(width, latent_dim)
+
+    def forward(self, x, idx):
+        h = nn.functional.leaky_relu(self.trunk(x), 0.2)
+        with pyro.plate("data", self.num_data, subsample=idx):
+            pyro.sample("z", dist.Normal(self.mean_head(h), self.log_sigma_head(h).exp()).to_event(1))
+
+
+class ConvEncoderGuide(PyroModule):
+    """A-VI with a convolutional encoder: ``depth`` convolutions of k channels (kernel 4, stride 2,
+    padding 1), LeakyReLU(0.2), linear mean and log-sd heads (the tool's layer names, so that its
+    parameters can be copied across)."""
+
+    def __init__(self, num_data: int, data_dim: int, latent_dim: int, width: int, depth: int = 2):
+        super().__init__()
+        self.num_data = num_data
+        side = math.isqrt(data_dim)
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+        for i in range(depth):
+            if i > 0:
+                layers.append(nn.LeakyReLU(0.2))
+            layers.append(nn.Conv2d(1 if i == 0 else width, width, 4, stride=2, padding=1))
+        layers.append(nn.Flatten(1))
+        self.trunk = nn.Sequential(*layers)
+        features = width * (side // 2**depth) ** 2
+        self.mean_head = nn.Linear(features, latent_dim)
+        self.log_sigma_head = nn.Linear(features, latent_dim)
 
     def forward(self, x, idx):
         h = nn.functional.leaky_relu(self.trunk(x), 0.2)
@@ -126,10 +183,11 @@ class Guide(PyroModule):
         self.local(x, idx)
 
 
-def make_guide(model: BayesianVAE, family: str, width: int = 64, init_scale: float = math.exp(-2.0)) -> Guide:
+def make_guide(model: BayesianVAE, family: str, width: int = 64, init_scale: float = math.exp(-2.0),
+               encoder: str = "mlp") -> Guide:
     n, d = model.num_data, model.latent_dim
     if family == "amortized":
-        local = EncoderGuide(n, model.decoder.layers[-1].out_features, d, width)
+        local = (ConvEncoderGuide if encoder == "conv" else EncoderGuide)(n, model.data_dim, d, width)
     elif family == "factorized":
         local = FactorGuide(n, d)
     elif family == "constant":

@@ -15,7 +15,12 @@ entry alike), it times one step of:
 * **compiled** (``--compile``): the tool's step with its objective under ``torch.compile``, for
   A-VI k=64 and F-VI;
 * **floor**: the matrix products of one step alone (decoder forward, and for each layer the
-  products of the backward pass; the encoder's as well for amortized families), on the same shapes.
+  products of the backward pass; the encoder's as well for amortized families), on the same shapes;
+  for the convolutional rows, the convolutions and products (forward, and the input and weight
+  gradients of the backward pass).
+
+The convolutional rows (``--no-conv`` skips them) are A-VI with a convolutional encoder (k = 32
+channels) and F-VI, both with the convolutional decoder (32 channels, 2 transposed convolutions).
 
 Before timing it checks that the two implementations compute the same ELBO at equal parameters
 (Pyro's parameters copied into the tool; means over many draws agree within Monte Carlo error).
@@ -31,7 +36,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,15 +49,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from step_time import FAMILIES, Stepper, device_label, synchronize  # noqa: E402
 
-from amortized_bayes.config import DataConfig, FamilyConfig, family_config, RunConfig, TrainConfig  # noqa: E402
+from amortized_bayes.config import DataConfig, FamilyConfig, family_config, ModelConfig, RunConfig, TrainConfig  # noqa: E402,E501
 from amortized_bayes.data import load_split  # noqa: E402
-from amortized_bayes.meta import machine_description  # noqa: E402
+from amortized_bayes.meta import cpu_description, machine_description  # noqa: E402
 from amortized_bayes.runtime import keep_freed_memory  # noqa: E402
 from amortized_bayes.objectives import negative_elbo  # noqa: E402
 from amortized_bayes.training import build  # noqa: E402
 
 PYRO_FAMILIES = {"A-VI k=1": ("amortized", 1), "A-VI k=64": ("amortized", 64), "A-VI k=128": ("amortized", 128),
                  "A-VI k=256": ("amortized", 256), "F-VI": ("factorized", 0), "constant-VI": ("constant", 0)}
+
+# The convolutional rows: the model, and each family with its Pyro counterpart (family, width, encoder).
+CONV_MODEL = ModelConfig(architecture="conv", channels=32, depth=2)
+CONV_FAMILIES = [("A-VI k=32 conv, conv decoder", family_config(name="amortized", width=32, architecture="conv")),
+                 ("F-VI, conv decoder", family_config(name="factorized"))]
+PYRO_CONV = {"A-VI k=32 conv, conv decoder": ("amortized", 32, "conv"), "F-VI, conv decoder": ("factorized", 0, "mlp")}
 
 
 class CompiledStepper(Stepper):
@@ -74,16 +84,19 @@ class PyroStepper:
     AutoNormal's parameters, so it runs under that default too); the data and indices live there."""
 
     def __init__(self, family: str, width: int, x: torch.Tensor, batch_size: int | None, seed: int = 0,
-                 device: str = "cpu"):
+                 device: str = "cpu", encoder: str = "mlp", model: ModelConfig | None = None):
         import pyro
         import pyro_model as pm
 
         pyro.set_rng_seed(seed)
         self.device = torch.device(device)
         self.n = x.shape[0]
+        model = model or ModelConfig()
         with self.device:
-            self.model = pm.BayesianVAE(self.n, name=f"{family}{width}b{batch_size or 0}")
-            self.guide = pm.make_guide(self.model, family, width)
+            self.model = pm.BayesianVAE(self.n, depth=model.depth, architecture=model.architecture,
+                                        channels=model.channels,
+                                        name=f"{family}{width}{encoder}{model.architecture}b{batch_size or 0}")
+            self.guide = pm.make_guide(self.model, family, width, encoder=encoder)
         self.svi = pm.make_svi(self.model, self.guide)
         self.x, self.batch_size = x.to(self.device), batch_size
         self.generator = torch.Generator().manual_seed(seed)
@@ -151,6 +164,68 @@ class FloorStepper:
         return time.perf_counter() - start
 
 
+class ConvFloorStepper:
+    """The convolutions and matrix products of one step of a convolutional model, on the same shapes,
+    and nothing else: forward, then the backward's input gradient (where one is needed) and weight
+    gradient, each through the same aten operators autograd calls (``aten::convolution``,
+    ``aten::convolution_backward``, ``mm``). Bias gradients (sums) are left out, as in the MLP floor."""
+
+    def __init__(self, family: FamilyConfig, model: ModelConfig, rows: int, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.g = torch.Generator().manual_seed(0)
+        side, d, c = math.isqrt(model.data_dim), model.latent_dim, model.channels
+        widths = [c * 2 ** (model.depth - 1 - i) for i in range(model.depth)] + [1]
+        first = side // 2 ** model.depth
+        self.ops: list = [self._linear(rows, d, widths[0] * first * first, True)]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            self.ops.append(self._conv(rows, a, b, first * 2**i, transposed=True, input_grad=True))
+        if family.name in ("amortized", "semi-amortized"):
+            k = family.width
+            if getattr(family, "architecture", "mlp") == "conv":
+                for i in range(family.depth):
+                    self.ops.append(self._conv(rows, 1 if i == 0 else k, k, side // 2**i, transposed=False,
+                                               input_grad=i > 0))
+                features = k * (side // 2**family.depth) ** 2
+            else:
+                self.ops += [self._linear(rows, model.data_dim, k, False)]
+                self.ops += [self._linear(rows, k, k, True) for _ in range(family.depth - 1)]
+                features = k
+            self.ops.append(self._linear(rows, features, 2 * d, True))  # both heads as one product
+
+    def _tensor(self, *shape):
+        return torch.randn(*shape, generator=self.g).to(self.device)
+
+    def _linear(self, rows, fan_in, fan_out, input_grad):
+        a, w, grad = self._tensor(rows, fan_in), self._tensor(fan_out, fan_in), self._tensor(rows, fan_out)
+
+        def run():
+            torch.mm(a, w.T)
+            torch.mm(grad.T, a)
+            if input_grad:
+                torch.mm(grad, w)
+        return run
+
+    def _conv(self, rows, c_in, c_out, side_in, transposed, input_grad):
+        x = self._tensor(rows, c_in, side_in, side_in)
+        weight = self._tensor(c_in, c_out, 4, 4) if transposed else self._tensor(c_out, c_in, 4, 4)
+        side_out = side_in * 2 if transposed else side_in // 2
+        grad = self._tensor(rows, c_out, side_out, side_out)
+        args = ([2, 2], [1, 1], [1, 1], transposed, [0, 0], 1)
+
+        def run():
+            torch.ops.aten.convolution(x, weight, None, *args)
+            torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [input_grad, True, False])
+        return run
+
+    def step(self) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        for op in self.ops:
+            op()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
 def peak_step_memory(step, device: torch.device) -> int:
     """Peak bytes allocated by torch during one call of ``step`` above what was allocated before it: on
     a GPU from the caching allocator's peak statistic; on a CPU from the profiler's memory records,
@@ -174,7 +249,7 @@ def peak_step_memory(step, device: torch.device) -> int:
     return peak
 
 
-def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
+def elbo_agreement(x: torch.Tensor, draws: int = 200, with_conv: bool = True) -> dict:
     """-ELBO of both implementations at equal parameters (Pyro's copied into the tool; the local factors
     of F-VI and constant-VI moved off their N(0, I) start first): mean over ``draws`` single-draw
     estimates each, and the difference in standard errors."""
@@ -184,11 +259,16 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
     n = x.shape[0]
     idx = torch.arange(n)
     out = {}
-    for label, (family, width) in (("A-VI k=64", ("amortized", 64)), ("F-VI", ("factorized", 0)),
-                                   ("constant-VI", ("constant", 0))):
+    cases = [(label, family, width, "mlp", ModelConfig()) for label, (family, width) in (
+        ("A-VI k=64", ("amortized", 64)), ("F-VI", ("factorized", 0)), ("constant-VI", ("constant", 0)))]
+    if with_conv:
+        cases += [(label, family, width, encoder, CONV_MODEL) for label, (family, width, encoder) in PYRO_CONV.items()]
+    for label, family, width, encoder, model_config in cases:
         pyro.set_rng_seed(0)
-        model = pm.BayesianVAE(n, name=f"check{family}")
-        guide = pm.make_guide(model, family, max(width, 1))
+        model = pm.BayesianVAE(n, depth=model_config.depth, architecture=model_config.architecture,
+                               channels=model_config.channels,
+                               name=f"check{family}{encoder}{model_config.architecture}")
+        guide = pm.make_guide(model, family, max(width, 1), encoder=encoder)
         guide(x, idx)
         if family != "amortized":
             # Factors unlike the prior, different for every image (F-VI), so that the check covers the
@@ -198,7 +278,8 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
                 noise = torch.Generator().manual_seed(2)
                 for p in guide.local.parameters():
                     p.add_(0.5 * torch.randn(p.shape, generator=noise))
-        config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family_config(name=family, width=max(width, 1)),
+        config = RunConfig(data=DataConfig(n_train=n, n_test=0), model=model_config,
+                           family=family_config(name=family, width=max(width, 1), architecture=encoder),
                            train=TrainConfig(batch_size=None))
         tool_model, tool_family = build(config, n)
         pm.copy_into_tool(guide, family, tool_model, tool_family)
@@ -213,7 +294,8 @@ def elbo_agreement(x: torch.Tensor, draws: int = 200) -> dict:
     return out
 
 
-def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool = False, device: str = "cpu"):
+def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool = False, device: str = "cpu",
+             with_conv: bool = True):
     entries = {}
     for name, fam in FAMILIES:
         entries[("tool", name)] = Stepper(fam, x, batch_size, "batch", device)
@@ -222,6 +304,13 @@ def run_case(x, batch_size, steps, warmup, with_pyro: bool, with_compile: bool =
         entries[("floor", name)] = FloorStepper(fam, batch_size or x.shape[0], device=device)
         if with_pyro and name in PYRO_FAMILIES:
             entries[("pyro", name)] = PyroStepper(*PYRO_FAMILIES[name], x, batch_size, device=device)
+    for name, fam in CONV_FAMILIES if with_conv else []:
+        entries[("tool", name)] = Stepper(fam, x, batch_size, "batch", device, model=CONV_MODEL)
+        entries[("floor", name)] = ConvFloorStepper(fam, CONV_MODEL, batch_size or x.shape[0], device=device)
+        if with_pyro:
+            family, width, encoder = PYRO_CONV[name]
+            entries[("pyro", name)] = PyroStepper(family, width, x, batch_size, device=device, encoder=encoder,
+                                                  model=CONV_MODEL)
     for _ in range(warmup):
         for e in entries.values():
             e.step()
@@ -280,6 +369,7 @@ def main() -> None:
     parser.add_argument("--no-pyro", action="store_true", help="skip Pyro (when the bench extra is absent)")
     parser.add_argument("--no-scaling", action="store_true", help="skip F-VI's 10k/30k/60k epoch times")
     parser.add_argument("--no-inference", action="store_true", help="skip the test-time inference costs")
+    parser.add_argument("--no-conv", action="store_true", help="skip the convolutional model's rows")
     parser.add_argument("--inference-epochs", type=int, default=200,
                         help="full-batch epochs on 1,000 images before timing test-time inference (default 200)")
     parser.add_argument("--compile", action="store_true",
@@ -301,27 +391,28 @@ def main() -> None:
         except ImportError:
             raise SystemExit("Pyro is not installed: pip install -e '.[bench]' (or pass --no-pyro)") from None
     x = load_split("mnist", "train", n=args.n).images
-    meta = machine_description(args.device)
-    print(f"machine: {platform.processor() or platform.machine()}, {meta['cpu_count']} cores, torch {meta['torch']} "
+    meta = {**machine_description(args.device), "cpu": cpu_description()}
+    print(f"machine: {meta['cpu']['model']}, {meta['cpu_count']} cores, torch {meta['torch']} "
           f"with {torch.get_num_threads()} threads; device {device_label(meta)}; {args.steps} timed steps after {args.warmup} warm-up, "
           "interleaved; median ms per step\n")
     report = {"meta": meta, "args": vars(args), "cases": {}}
     if with_pyro:
-        agreement = elbo_agreement(x[:200])
+        agreement = elbo_agreement(x[:200], with_conv=not args.no_conv)
         report["elbo_agreement"] = agreement
         print("ELBO at equal parameters (200 images, mean of 200 single-draw estimates of -ELBO):")
         for label, a in agreement.items():
             print(f"  {label}: tool {a['tool']:.1f}, Pyro {a['pyro']:.1f}, difference {a['z']:+.2f} standard errors")
         print()
     for label, batch in ((f"N = {args.n:,} full batch", None), (f"B = {args.batch:,} minibatches", args.batch)):
-        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro, args.compile, args.device)
+        times, memory = run_case(x, batch, args.steps, args.warmup, with_pyro, args.compile, args.device,
+                                 with_conv=not args.no_conv)
         report["cases"][label] = {"seconds": {f"{k[0]}/{k[1]}": v for k, v in times.items()},
                                   "peak_bytes": {f"{k[0]}/{k[1]}": v for k, v in memory.items()}}
         med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
         print(f"### {label}\n")
         print("| family | tool (ms) | floor (ms) | tool / floor | Pyro (ms) | Pyro / tool | tool peak MB | Pyro peak MB |")
         print("|---|---|---|---|---|---|---|---|")
-        for name, _ in FAMILIES:
+        for name, _ in FAMILIES + ([] if args.no_conv else CONV_FAMILIES):
             t, f = med[("tool", name)], med[("floor", name)]
             p = med.get(("pyro", name))
             mem_t = memory[("tool", name)] / 2**20

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from amortized_bayes.config import DataConfig, FamilyConfig, family_config, ObjectiveConfig, RunConfig, TrainConfig
+from amortized_bayes.config import (DataConfig, FamilyConfig, family_config, ModelConfig, ObjectiveConfig, RunConfig,
+                                    TrainConfig)
 from amortized_bayes.data import load_split
 from amortized_bayes.meta import machine_description
 from amortized_bayes.runtime import keep_freed_memory
@@ -47,13 +48,14 @@ def synchronize(device: torch.device) -> None:
 
 class Stepper:
     """One family's training state and a closure that performs exactly one trainer step
-    (:func:`amortized_bayes.training.train_step` on the batch the trainer would take), on ``device``."""
+    (:func:`amortized_bayes.training.train_step` on the batch the trainer would take), on ``device``,
+    with the default decoder or ``model``."""
 
     def __init__(self, family: FamilyConfig, x: torch.Tensor, batch_size: int | None, local_terms: str,
-                 device: str = "cpu"):
+                 device: str = "cpu", model: ModelConfig | None = None):
         n = x.shape[0]
         self.device = torch.device(device)
-        self.config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family,
+        self.config = RunConfig(data=DataConfig(n_train=n, n_test=0), family=family, model=model or ModelConfig(),
                                 objective=ObjectiveConfig(local_terms=local_terms),
                                 train=TrainConfig(batch_size=batch_size, device=device))
         model, family_module = build(self.config, n)

@@ -20,7 +20,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from speed import PYRO_FAMILIES, FloorStepper  # noqa: E402
+from speed import CONV_FAMILIES, CONV_MODEL, PYRO_FAMILIES, ConvFloorStepper, FloorStepper  # noqa: E402
 from step_time import FAMILIES, Stepper  # noqa: E402
 
 MATMULS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::addmm_": (1, 2), "aten::bmm": (0, 1),
@@ -55,6 +55,42 @@ def test_the_floor_multiplies_exactly_the_tools_matrix_products(name, family, ba
     assert matmul_flops(floor.step) == flops
 
 
+def counted_flops(step) -> int:
+    """FLOPs of every matrix product and convolution (forward and backward) torch runs during ``step()``,
+    as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("batch_size", [None, 50], ids=["full-batch", "minibatch"])
+@pytest.mark.parametrize("name, family", CONV_FAMILIES + [
+    ("A-VI k=8 MLP, conv decoder", __import__("amortized_bayes.config").config.family_config("amortized", width=8))],
+    ids=lambda v: v if isinstance(v, str) else "")
+def test_the_conv_floor_runs_exactly_the_tools_convolutions_and_products(name, family, batch_size):
+    x = torch.rand(120, 784)
+    tool = Stepper(family, x, batch_size, "batch", model=CONV_MODEL)
+    floor = ConvFloorStepper(family, CONV_MODEL, batch_size or x.shape[0])
+    tool.step()
+    flops = counted_flops(tool.step)
+    assert flops > matmul_flops(tool.step) > 0  # the convolutions are counted as well as the products
+    assert counted_flops(floor.step) == flops
+
+
+def test_cpu_description_reads_the_model_and_instruction_set_flags():
+    from amortized_bayes.meta import cpu_description
+
+    x86 = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse sse2 avx2 fma smep " \
+          "avx512f avx512_bf16 amx_tile amx_bf16 f16c\n"
+    assert cpu_description(x86) == {"model": "Intel(R) Xeon(R) Platinum 8480+",
+                                    "isa_flags": ["amx_bf16", "amx_tile", "avx2", "avx512_bf16", "avx512f", "f16c",
+                                                  "fma", "sse", "sse2"]}
+    arm = "processor\t: 0\nFeatures\t: fp asimd aes sve sve2 sme i8mm bf16\nCPU part\t: 0xd40\n"
+    assert cpu_description(arm)["isa_flags"] == ["asimd", "bf16", "i8mm", "sme", "sve", "sve2"]
+
+
 def _run(script: str, *args: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{script}.json"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
@@ -82,10 +118,11 @@ def test_speed_runs_end_to_end_and_pyro_computes_the_same_elbo(tmp_path):
     args = ["--n", "300", "--batch", "100", "--steps", "2", "--warmup", "1", "--no-scaling", "--no-inference"]
     report = _run("speed.py", *args, *([] if with_pyro else ["--no-pyro"]), tmp_path=tmp_path)
     assert len(report["cases"]) == 2
+    assert report["meta"]["cpu"]["model"] and isinstance(report["meta"]["cpu"]["isa_flags"], list)
     for case in report["cases"].values():
-        expected = {f"{kind}/{name}" for name, _ in FAMILIES for kind in ("tool", "floor")}
+        expected = {f"{kind}/{name}" for name, _ in FAMILIES + CONV_FAMILIES for kind in ("tool", "floor")}
         if with_pyro:
-            expected |= {f"pyro/{name}" for name in PYRO_FAMILIES}
+            expected |= {f"pyro/{name}" for name in PYRO_FAMILIES} | {f"pyro/{name}" for name, _ in CONV_FAMILIES}
         assert set(case["seconds"]) == expected
         assert all(min(t) > 0 for t in case["seconds"].values())
         assert set(case["peak_bytes"]) == {k for k in expected if not k.startswith("floor/")}
@@ -93,11 +130,14 @@ def test_speed_runs_end_to_end_and_pyro_computes_the_same_elbo(tmp_path):
     if not with_pyro:
         pytest.skip("Pyro (the bench extra) is not installed: timed without it")
     agreement = report["elbo_agreement"]
-    assert set(agreement) == {"A-VI k=64", "F-VI", "constant-VI"}
+    assert set(agreement) == {"A-VI k=64", "F-VI", "constant-VI"} | {name for name, _ in CONV_FAMILIES}
     for label, a in agreement.items():
         # Means of 200 single-draw estimates each: equal ELBOs differ by Monte Carlo error only.
         assert abs(a["z"]) < 4.5, (label, a)
-        assert abs(a["tool"] - a["pyro"]) < 0.01 * abs(a["pyro"]), (label, a)
+        # The conv decoder's single-draw estimates spread more at its start (F-VI's standard error was
+        # 0.9% of the mean at 200 draws, measured), so its rows get 2%: z above still bounds the error.
+        margin = 0.02 if label in dict(CONV_FAMILIES) else 0.01
+        assert abs(a["tool"] - a["pyro"]) < margin * abs(a["pyro"]), (label, a)
 
 
 @pytest.mark.realdata
