@@ -171,7 +171,8 @@ def _mlp_vs_conv() -> Grid:
             if family["family"]["name"] == "amortized":
                 family = {"family": {**family["family"], "architecture": architecture}}
             variants.append({**family, "model": {"architecture": architecture}})
-    return Grid(name="mlp-vs-conv", base=base, variants=variants, tolerance={"metric": "train_mse", "fashion-mnist": 0.03},
+    tolerance = {"metric": "train_mse", "fashion-mnist": 0.03}
+    return Grid(name="mlp-vs-conv", base=base, variants=variants, tolerance=tolerance,
                 description="Fully connected against convolutional encoder and decoder at an equal budget "
                 "(docs/findings.md): Fashion-MNIST, N = 10,000, 2,000 test images, Gaussian likelihood with "
                 "sigma_x^2 = 0.03 and q(theta) started at log sd -5, the correct ELBO with reshuffled batches "
