@@ -209,6 +209,7 @@ while True:
 """
 
 
+@pytest.mark.processes
 def test_atomic_write_is_never_seen_half_written_even_under_sigkill(tmp_path):
     """A writer rewrites one file in a loop (4 MB of one letter each time) while this process reads
     it: every read is a complete file of one letter. The writer is then killed with SIGKILL at random

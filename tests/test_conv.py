@@ -261,6 +261,7 @@ def _cli(*args):
     return proc.stdout
 
 
+@pytest.mark.processes
 def test_conv_runs_go_through_run_gap_report_and_infer(tmp_path):
     grid = tmp_path / "conv.toml"
     grid.write_text(GRID)

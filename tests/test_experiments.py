@@ -65,6 +65,7 @@ def test_run_id_is_stable_and_ignores_fields_the_family_does_not_use():
     assert run_id(RunConfig(train=TrainConfig(seed=1))) != run_id(RunConfig())
 
 
+@pytest.mark.processes
 def test_run_hash_is_the_same_in_a_fresh_interpreter():
     code = ("from amortized_bayes.config import RunConfig, TrainConfig; from amortized_bayes.experiments.grid "
             "import run_hash; print(run_hash(RunConfig(train=TrainConfig(lr=0.01))))")
@@ -86,6 +87,7 @@ def test_grid_expands_crosses_and_dedupes(tiny_grid):
     assert len(runs2) == 6 and {r.train.epochs for r in runs2} == {7}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("overrides, field", [
     (["family.width=0"], "family.width"),
     (["train.epochz=3"], "train.epochz"),
@@ -138,6 +140,7 @@ def test_when_and_why_is_the_issue_17_grid_and_one_dataset_seed_keeps_its_ids():
     assert small and max(r.train.epochs for r in small) < 5000
 
 
+@pytest.mark.processes
 def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_path):
     out = tmp_path / "out"
     proc = cli("run", tiny_grid(), "--out", out, "--workers", "1")
@@ -163,6 +166,7 @@ def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_
     assert "3 done" in status.stdout
 
 
+@pytest.mark.processes
 def test_parallel_workers_give_the_same_numbers_as_sequential(tiny_grid, tmp_path):
     grid = tiny_grid()
     cli("run", grid, "--out", tmp_path / "seq", "--workers", "1", "--threads", "1")
@@ -200,6 +204,7 @@ def _session_alive(sid: int) -> bool:
     return False
 
 
+@pytest.mark.processes
 def test_worker_killed_mid_run_resumes_to_the_uninterrupted_numbers(tiny_grid, tmp_path):
     grid = tiny_grid(epochs=12)
     single = ["--set", "family.name=factorized", "--set", "family.width=1"]
@@ -252,6 +257,7 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tiny_grid, tmp_path, mon
     assert "failed" in (out / "summary.csv").read_text()
 
 
+@pytest.mark.processes
 def test_tensorboard_logging(tiny_grid, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "out"
@@ -268,11 +274,13 @@ def test_tensorboard_logging(tiny_grid, tmp_path):
     assert len(acc.Scalars("train/neg_elbo_estimate")) == 12
 
 
+@pytest.mark.processes
 def test_dry_run_lists_without_running(tiny_grid, tmp_path):
     proc = cli("run", tiny_grid(), "--out", tmp_path / "out", "--dry-run")
     assert proc.stdout.count(" new ") == 3 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.processes
 def test_a_worker_then_the_driver_killed_at_random_moments_loses_nothing(tiny_grid, tmp_path):
     """SIGKILL a worker mid-run (its driver goes on and finishes the other run), then SIGKILL a second
     driver mid-resume (its orphaned workers stop by themselves); a last `run` ends with the numbers of an

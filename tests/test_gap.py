@@ -81,6 +81,7 @@ def test_iwae_approaches_the_exact_evidence_and_never_exceeds_it(setup):
     assert errors[1] == pytest.approx(float((exact - model.elbo(x, mu_star, ls_star)).mean()), abs=0.05)
 
 
+@pytest.mark.processes
 def test_gap_command_on_stored_runs(tmp_path):
     """`run` a tiny grid, then `gap`: every run gets gap.json with non-negative amortization gaps (within
     Monte Carlo error), an IWAE evidence above the best ELBO, and a refinement curve that climbs."""

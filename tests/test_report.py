@@ -57,6 +57,7 @@ def built(tmp_path_factory):
     return out
 
 
+@pytest.mark.processes
 def test_every_figure_exists_and_is_a_valid_non_blank_image(built):
     figures = built / "report" / "figures"
     names = ["mnist-elbo", "mnist-mse", "mnist-tolerance", "mnist-reconstructions"]
@@ -83,6 +84,7 @@ def _direct_medians(out, family_name):
     return statistics.median(finals), statistics.median(mses), statistics.median(crossings)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("family, label", [("amortized", "A-VI k=16"), ("factorized", "F-VI"),
                                            ("constant", "constant-VI")])
 def test_table_numbers_equal_a_direct_computation(built, family, label):
@@ -101,12 +103,14 @@ def test_table_numbers_equal_a_direct_computation(built, family, label):
         assert f"{elbo / fvi_elbo:.3f}" in line and f"{mse / fvi_mse:.3f}" in line
 
 
+@pytest.mark.processes
 def test_verdicts_are_computed_and_stated(built):
     md = (built / "report" / "report.md").read_text()
     assert "A-VI with k >= 64 reaches F-VI's ELBO and MSE**: not testable" in md  # no k >= 64 in this grid
     assert "A-VI is 2-3x faster than F-VI" in md
 
 
+@pytest.mark.processes
 def test_html_is_self_contained(built):
     page = (built / "report" / "report.html").read_text()
     images = re.findall(r'<img alt="[^"]+" src="([^"]+)"', page)
@@ -123,6 +127,7 @@ def test_iterations_to_tolerance_and_never():
     assert iterations_to_tolerance(evals, "train_mse", 0.001) is None
 
 
+@pytest.mark.processes
 def test_report_html_renders_in_headless_chromium_without_console_errors(built, tmp_path):
     """Debian's chromium, driven through its chromedriver (`.ci/run` installs both)."""
     import shutil
@@ -156,6 +161,7 @@ def test_report_html_renders_in_headless_chromium_without_console_errors(built, 
     assert errors == []
 
 
+@pytest.mark.processes
 def test_legacy_objective_rows_are_compared_with_the_legacy_f_vi_row(built):
     """Runs of the legacy-2024 objective carry a suffix in their labels; their A-VI rows must still be
     compared with F-VI of the same objective (and give the same ratios as the unsuffixed table). The
@@ -178,6 +184,7 @@ def test_legacy_objective_rows_are_compared_with_the_legacy_f_vi_row(built):
     assert [v.verdict for v in plain.verdicts] == ["not testable"] * 2
 
 
+@pytest.mark.processes
 def test_report_of_a_folder_kept_without_models(built, tmp_path):
     """results/ keeps runs without model.pt: the report still builds, with every table, minus the
     reconstructions (and says so)."""
@@ -195,6 +202,7 @@ def test_report_of_a_folder_kept_without_models(built, tmp_path):
     assert table_lines and table_lines == [line for line in full.splitlines() if line.startswith("| ")]
 
 
+@pytest.mark.processes
 def test_a_tolerance_set_at_report_time_changes_only_the_crossings(built, tmp_path):
     """`report --tolerance`: the crossings are those of the stated tolerance, computed from the stored
     evaluations; every other number is unchanged, and the grid's own report is left alone."""

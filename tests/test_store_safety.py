@@ -68,6 +68,7 @@ def trained_once(record) -> bool:
     return record.status.get("attempts") == 1 and len(evals) == len(set(evals)) == len(read_evals(record.path))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("commands", [2, 4])
 def test_concurrent_runs_on_one_folder_train_every_run_once(reference, tmp_path, commands):
     grid, whole = reference
@@ -88,6 +89,7 @@ def test_concurrent_runs_on_one_folder_train_every_run_once(reference, tmp_path,
     assert list(out.rglob(".*.part")) == []
 
 
+@pytest.mark.processes
 def test_corrupt_files_are_set_aside_and_only_their_run_redone(reference, tmp_path):
     grid, whole = reference
     out = tmp_path / "corrupt"
@@ -133,6 +135,7 @@ def test_corrupt_files_are_set_aside_and_only_their_run_redone(reference, tmp_pa
     assert list(out.rglob(".*.part")) == []
 
 
+@pytest.mark.processes
 def test_a_done_status_over_missing_outputs_is_redone(reference, tmp_path):
     grid, whole = reference
     out = tmp_path / "lost"
@@ -202,6 +205,7 @@ def test_gap_clamps_an_extreme_log_sigma(tmp_path):
     assert math.isfinite(s["amortization_gap"]["mean"]) and s["amortization_gap"]["non_finite"] == 0
 
 
+@pytest.mark.processes
 def test_a_held_lock_makes_a_run_busy_and_force_unlock_clears_it(reference, tmp_path):
     from amortized_bayes.experiments.store import RunLock
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Copy the small files of a results folder into the repository: the grid, the summary table, each run's
 # config/status/summary.json, evals.jsonl, mse_trace.jsonl (train MSE between evaluations), steps.csv (per-step -ELBO, which the report plots) and gap.json,
-# and the report (report.md, figures as PNG). Fitted models (model.pt) stay out.
+# then build the report of the copied runs there (report.md, figures as PNG). Only finished runs are copied;
+# fitted models (model.pt) stay out.
 # usage: bash results/replication/collect.sh RESULTS_DIR DEST_DIR
 set -euo pipefail
 src=$1 dest=$2
@@ -9,10 +10,16 @@ mkdir -p "$dest/runs" "$dest/report/figures"
 cp "$src/grid.json" "$src/summary.csv" "$dest/"
 for run in "$src"/runs/*/; do
   id=$(basename "$run")
+  # Only finished runs: a running one is said to be running in the document, not stored half-way.
+  if ! grep -q '"state": *"done"' "$run/status.json" 2>/dev/null; then
+    echo "skipped (not done): $id" >&2
+    continue
+  fi
   mkdir -p "$dest/runs/$id"
   for f in config.json status.json summary.json evals.jsonl mse_trace.jsonl steps.csv gap.json; do
     [ -f "$run/$f" ] && cp "$run/$f" "$dest/runs/$id/"
   done
 done
-cp "$src/report/report.md" "$dest/report/"
-cp "$src"/report/figures/*.png "$dest/report/figures/"
+# The report of what was stored (finished runs only), built from the copied files.
+"${PY:-python}" -m amortized_bayes report "$dest" >/dev/null
+rm -f "$dest"/report/figures/*.svg
