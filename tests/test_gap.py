@@ -250,3 +250,40 @@ def test_measure_gap_at_the_exact_optimum_and_averaged_over_theta_draws(setup):
                             for t in draws]).mean(0)
     assert result["splits"]["train"]["log_px_iwae"]["mean"] == pytest.approx(float(expected.mean()), abs=0.03)
     assert abs(float(expected.mean() - model.log_evidence(x).mean())) > 0.1  # the draws did matter
+
+
+@pytest.mark.realdata
+def test_measure_run_gap_reads_the_runs_own_images_and_writes_what_measure_gap_gives(tmp_path):
+    """A run folder's gap (in process): the first images of the run's own training subset (random,
+    binarised) and of the test split with the test split's binarisation seed, the same numbers as
+    measure_gap on those images, written to gap.json with the run id."""
+    import json
+
+    from amortized_bayes.checkpoint import load_fit, save_fit
+    from amortized_bayes.config import DataConfig, ModelConfig, RunConfig, TrainConfig, family_config
+    from amortized_bayes.data import load_split
+    from amortized_bayes.gap import GapConfig, measure_gap, measure_run_gap
+    from amortized_bayes.training import fit
+
+    data = DataConfig(n_train=50, n_test=10, subset="random", subset_seed=3, binarize="stochastic", binarize_seed=5)
+    config = RunConfig(data=data, model=ModelConfig(latent_dim=3, hidden=8, likelihood="bernoulli"),
+                       family=family_config("factorized"), train=TrainConfig(epochs=2, eval_every=2))
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    save_fit(fit(config), run / "model.pt")
+    gap_config = GapConfig(images=4, elbo_samples=8, iwae_samples=16, optim=LocalOptimConfig(max_steps=30),
+                           curve_steps=(0, 5))
+    result = measure_run_gap(run, gap_config)
+    assert json.loads((run / "gap.json").read_text()) == json.loads(json.dumps(result))
+    assert result["run_id"] == "r" and set(result["splits"]) == {"train", "test"}
+    train = load_split("mnist", "train", n=50, subset="random", seed=3, binarize="stochastic", binarize_seed=5).images
+    test = load_split("mnist", "test", n=4, binarize="stochastic", binarize_seed=6).images
+    expected = measure_gap(load_fit(run / "model.pt"), {"train": train[:4], "test": test}, gap_config)
+    for split in ("train", "test"):
+        got, want = result["splits"][split], expected["splits"][split]
+        assert got["images"] == 4
+        for key in ("amortization_gap", "approximation_gap", "elbo_family", "elbo_q_star", "log_px_iwae"):
+            assert got[key]["mean"] == pytest.approx(want[key]["mean"], rel=1e-6, abs=1e-6), (split, key)
+    only_test = measure_run_gap(run, GapConfig(images=2, splits=("test",), elbo_samples=4, iwae_samples=8,
+                                                optim=LocalOptimConfig(max_steps=10), curve_steps=(0,)))
+    assert set(only_test["splits"]) == {"test"} and only_test["splits"]["test"]["images"] == 2

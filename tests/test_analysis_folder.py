@@ -1,0 +1,164 @@
+"""The report's numbers from a results folder written out by hand (issue 21): load_results reads exactly
+the finished runs, dataset_table's medians, ratios, crossings and speed-ups, with_tolerance, and
+gap_table's medians, ranges and step counts, each against a value computed here from the numbers
+written, in process (the report's own tests go through the command line, which a mutant cannot reach)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from amortized_bayes.analysis import dataset_table, gap_table, load_results, with_tolerance
+from amortized_bayes.config import RunConfig, TrainConfig, family_config
+from amortized_bayes.experiments.grid import run_id
+
+N = 1000  # the default data.n_train
+# Per method and seed: train MSE at epochs 0..4, the wall time of each epoch's end, the final -ELBO.
+AVI = {0: [0.20, 0.08, 0.04, 0.03, 0.03], 1: [0.20, 0.09, 0.06, 0.045, 0.03], 2: [0.20, 0.07, 0.05, 0.04, 0.035]}
+FVI = {0: [0.20, 0.15, 0.09, 0.05, 0.04], 1: [0.20, 0.12, 0.10, 0.08, 0.06], 2: [0.20, 0.10, 0.08, 0.06, 0.055]}
+AVI_WALL, FVI_WALL = [0.0, 2.0, 4.0, 6.0, 8.0], [0.0, 1.0, 2.0, 3.0, 4.0]
+AVI_ELBO = {0: 101_000.0, 1: 102_000.0, 2: 104_000.0}
+FVI_ELBO = {0: 100_000.0, 1: 100_500.0, 2: 99_000.0}
+AVI_STEP, FVI_STEP = {0: 0.020, 1: 0.022, 2: 0.021}, {0: 0.010, 1: 0.011, 2: 0.012}
+GAPS = {("amortized", 0): (5.0, 1.0, 30, 0.3), ("amortized", 1): (7.0, 1.5, 50, 0.5), ("amortized", 2): (6.0, 1.2, 40, 0.4),
+        ("factorized", 0): (1.0, 0.2, 10, 0.1), ("factorized", 1): (3.0, 0.4, None, None), ("factorized", 2): (2.0, 0.3, 20, 0.2)}
+
+
+def _config(family: str, seed: int) -> RunConfig:
+    return RunConfig(family=family_config(family, width=64), train=TrainConfig(seed=seed))
+
+
+def _write_run(root, family: str, seed: int, mse: list[float], wall: list[float], neg_elbo: float,
+               step_seconds: float, done: bool = True) -> None:
+    config = _config(family, seed)
+    path = root / "runs" / run_id(config)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    (path / "status.json").write_text(json.dumps({"state": "done" if done else "running"}))
+    evals = [{"epoch": e, "step": 10 * e, "wall_time": wall[e], "train_mse": m, "test_mse": m + 0.01,
+              "neg_elbo": neg_elbo + 1000.0 * (4 - e)} for e, m in enumerate(mse)]
+    (path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (path / "steps.csv").write_text("step,epoch,neg_elbo,wall_time\n" + "".join(
+        f"{s},{s // 10},{neg_elbo},{step_seconds * s}\n" for s in range(1, 41)))
+    if done:
+        (path / "summary.json").write_text(json.dumps({
+            "final": evals[-1], "complete": True, "steps": 40, "epochs": 4, "train_seconds": wall[-1],
+            "seconds_per_step": step_seconds, "neg_elbo_per_image": neg_elbo / N}))
+        amort, approx, steps, seconds = GAPS[(family, seed)]
+        hit = None if steps is None else {"steps": steps, "seconds": seconds}
+        split = {"images": 16, "amortization_gap": {"mean": amort, "se": 0.1 * amort},
+                 "approximation_gap": {"mean": approx, "se": 0.05},
+                 "refinement_to_90pct_of_gap": hit, "scratch_to_family_elbo": {"steps": 100 + seed, "seconds": 1.0},
+                 "q_star_cost_from_prior": {"steps": 500, "seconds": 2.0 + seed}}
+        gap = {"family": family, "theta": "posterior mean",
+               "splits": {"train": split, "test": {**split, "amortization_gap": {"mean": amort + 1, "se": 0.2}}}}
+        (path / "gap.json").write_text(json.dumps(gap))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "hand", "tolerance": {"metric": "train_mse", "mnist": 0.05}}))
+    for seed in (0, 1, 2):
+        _write_run(tmp_path, "amortized", seed, AVI[seed], AVI_WALL, AVI_ELBO[seed], AVI_STEP[seed])
+        _write_run(tmp_path, "factorized", seed, FVI[seed], FVI_WALL, FVI_ELBO[seed], FVI_STEP[seed])
+    _write_run(tmp_path, "constant", 0, FVI[0], FVI_WALL, 0.0, 0.01, done=False)  # running: not in the tables
+    return tmp_path
+
+
+def _first(mse: list[float], wall: list[float], tol: float) -> tuple[int, float] | None:
+    for epoch, value in enumerate(mse):
+        if value <= tol:
+            return epoch, wall[epoch]
+    return None
+
+
+def test_load_results_reads_the_finished_runs_grouped_and_sorted_by_seed(folder):
+    results = load_results(folder)
+    assert set(results.groups) == {"mnist"}
+    groups = results.groups["mnist"]
+    assert sorted(groups) == ["A-VI k=64", "F-VI"]
+    for runs in groups.values():
+        assert [r.seed for r in runs] == [0, 1, 2]
+        assert all(len(r.evals) == 5 and r.gap is not None and len(r.steps["step"]) == 40 for r in runs)
+    assert len(results.unfinished) == 1 and "const" in results.unfinished[0] and "interrupted" in results.unfinished[0]
+    assert results.tolerance("mnist") == ("train_mse", 0.05) and results.tolerance("fashion-mnist") == ("train_mse", None)
+
+
+def test_the_table_numbers_are_the_hand_computed_medians_ratios_and_speed_ups(folder):
+    table = dataset_table(load_results(folder), "mnist")
+    rows = {str(m): r for m, r in table.rows.items()}
+    avi, fvi = rows["A-VI k=64"], rows["F-VI"]
+    assert avi.neg_elbo_per_image == pytest.approx(statistics.median(AVI_ELBO.values()) / N)
+    assert fvi.neg_elbo_per_image == pytest.approx(statistics.median(FVI_ELBO.values()) / N)
+    assert avi.train_mse == pytest.approx(statistics.median(m[-1] for m in AVI.values()))
+    assert fvi.test_mse == pytest.approx(statistics.median(m[-1] + 0.01 for m in FVI.values()))
+    assert avi.seconds_per_step == pytest.approx(statistics.median(AVI_STEP.values()))
+    # Crossings of 0.05: A-VI at epochs 2, 3, 2 (seconds 4, 6, 4); F-VI at 3 (3 s), then never twice
+    # within the 4 epochs (4 s) the runs lasted.
+    a = [_first(AVI[s], AVI_WALL, 0.05) for s in (0, 1, 2)]
+    f = [_first(FVI[s], FVI_WALL, 0.05) for s in (0, 1, 2)]
+    assert a == [(2, 4.0), (3, 6.0), (2, 4.0)] and f == [(3, 3.0), None, None]
+    assert avi.epochs_to_tol == 2 and avi.seconds_to_tol == 4.0 and avi.epochs_to_tol_reached == 3
+    assert avi.epochs_to_tol_lower == 2 and avi.seconds_to_tol_lower == 4.0
+    # F-VI: two of three seeds never reached it, so its median is censored: at least 4 epochs (4 s),
+    # infinitely late when the seeds that never reached it count as never.
+    assert fvi.epochs_to_tol_reached == 1 and fvi.epochs_to_tol_lower == 4 and fvi.seconds_to_tol_lower == 4.0
+    assert math.isinf(fvi.epochs_to_tol) and math.isinf(fvi.seconds_to_tol)
+    c = table.comparisons[next(m for m in table.comparisons)]
+    assert str(c.avi) == "A-VI k=64" and str(c.fvi) == "F-VI" and c.seeds == 3
+    assert c.elbo_ratio == pytest.approx(statistics.median(AVI_ELBO.values()) / statistics.median(FVI_ELBO.values()))
+    assert c.mse_ratio == pytest.approx(avi.train_mse / fvi.train_mse)
+    lo, hi = c.elbo_ratio_ci
+    assert lo < c.elbo_ratio < hi
+    assert c.step_time_ratio == pytest.approx(avi.seconds_per_step / fvi.seconds_per_step)
+    # Speed-up in epochs: F-VI's censored median (at least 4) over A-VI's 2: at least 2x, unbounded above;
+    # in seconds at least 4 / 4 = 1x.
+    assert c.speedup_epochs.low == pytest.approx(4 / 2) and math.isinf(c.speedup_epochs.high)
+    assert not c.speedup_epochs.exact and c.speedup_epochs.describe().startswith("at least 2.00x")
+    assert c.speedup.low == pytest.approx(4.0 / 4.0) and math.isinf(c.speedup.high)
+
+
+def test_a_tolerance_set_afterwards_moves_only_the_crossings(folder):
+    results = load_results(folder)
+    looser = with_tolerance(results, "train_mse", 0.1)
+    assert looser.tolerance("mnist") == ("train_mse", 0.1) and results.tolerance("mnist") == ("train_mse", 0.05)
+    before, after = dataset_table(results, "mnist"), dataset_table(looser, "mnist")
+    rows = {str(m): r for m, r in after.rows.items()}
+    # 0.1: A-VI at epochs 1, 1, 1 (2 s each); F-VI at 2, 2, 1 (2, 2, 1 s): all reached, so exact.
+    assert [_first(FVI[s], FVI_WALL, 0.1) for s in (0, 1, 2)] == [(2, 2.0), (2, 2.0), (1, 1.0)]
+    assert rows["A-VI k=64"].epochs_to_tol == 1 and rows["F-VI"].epochs_to_tol == 2
+    assert rows["F-VI"].seconds_to_tol == 2.0 and rows["F-VI"].epochs_to_tol_reached == 3
+    c = next(iter(after.comparisons.values()))
+    assert c.speedup_epochs.exact and c.speedup_epochs.low == pytest.approx(2.0)
+    assert c.speedup.low == pytest.approx(2.0 / 2.0)
+    for name in ("neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step"):
+        assert getattr(rows["F-VI"], name) == getattr({str(m): r for m, r in before.rows.items()}["F-VI"], name)
+    with pytest.raises(ValueError, match="tolerance metric must be one of"):
+        with_tolerance(results, "neg_elbo", 0.1)
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="tolerance must be a positive number"):
+            with_tolerance(results, "train_mse", bad)
+
+
+def test_gap_table_gives_medians_ranges_and_step_counts_of_the_stored_gaps(folder):
+    table = {str(m): row for m, row in gap_table(load_results(folder), "mnist").items()}
+    assert set(table) == {"A-VI k=64", "F-VI"}
+    for family, label in (("amortized", "A-VI k=64"), ("factorized", "F-VI")):
+        row = table[label]
+        assert row["seeds"] == 3 and row["theta"] == "posterior mean"
+        amort = [GAPS[(family, s)][0] for s in (0, 1, 2)]
+        train, test = row["splits"]["train"], row["splits"]["test"]
+        assert train["images"] == 16
+        assert train["amortization_gap"] == {"median": statistics.median(amort), "min": min(amort),
+                                             "max": max(amort), "se": statistics.median(0.1 * a for a in amort)}
+        assert test["amortization_gap"]["median"] == statistics.median(a + 1 for a in amort)
+        approx = [GAPS[(family, s)][1] for s in (0, 1, 2)]
+        assert train["approximation_gap"]["median"] == statistics.median(approx)
+        assert train["scratch_to_family_elbo"] == {"steps": 101.0, "seconds": 1.0}
+        assert train["q_star_seconds_from_prior"] == 3.0
+    assert table["A-VI k=64"]["splits"]["train"]["refinement_to_90pct_of_gap"] == {"steps": 40.0, "seconds": 0.4}
+    # One F-VI seed never closed 90% of its gap within the curve: no median is given.
+    assert table["F-VI"]["splits"]["train"]["refinement_to_90pct_of_gap"] is None

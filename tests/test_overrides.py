@@ -1,0 +1,35 @@
+"""`--set KEY=VALUE` as the command line reads it (experiments/grid.py's parse_value and
+parse_overrides), value by value, in process (issue 21: the subprocess tests cannot see a mutant)."""
+
+from __future__ import annotations
+
+import pytest
+
+from amortized_bayes.config import ConfigError
+from amortized_bayes.experiments.grid import parse_overrides, parse_value
+
+
+@pytest.mark.parametrize("text, value", [
+    ("none", None), ("None", None), ("NONE", None), ("null", None), ("Null", None), ("NULL", None),
+    ("true", True), ("True", True), ("TRUE", True), ("false", False), ("False", False), ("FALSE", False),
+    ("5", 5), (" 5 ", 5), ("-2.5", -2.5), ("1e-3", 1e-3), ('"64"', "64"), ("fashion-mnist", "fashion-mnist"),
+    ("[1, 64]", [1, 64]), ("[true, null]", [True, None]),
+    ("1,64,128", [1, 64, 128]), ("mnist,fashion-mnist", ["mnist", "fashion-mnist"]),
+    ("true,False,none", [True, False, None]), ("0.1, 0.2", [0.1, 0.2]),
+])
+def test_each_value_is_read_as_documented(text, value):
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_overrides_split_at_the_first_equals_sign_and_strip_the_key():
+    assert parse_overrides([" train.epochs =5", "family.width=1,64", "data.dataset=file:a=b.npz"]) == {
+        "train.epochs": 5, "family.width": [1, 64], "data.dataset": "file:a=b.npz"}
+    assert parse_overrides([]) == {}
+
+
+def test_an_override_without_a_value_or_with_an_unknown_field_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"^--set 'train\.epochs': expected KEY=VALUE \(e\.g\. train\.epochs=5\)$"):
+        parse_overrides(["train.epochs"])
+    with pytest.raises(ConfigError, match="train.epoch"):
+        parse_overrides(["train.epoch=5"])
