@@ -88,7 +88,8 @@ def test_load_results_reads_the_finished_runs_grouped_and_sorted_by_seed(folder)
         assert all(len(r.evals) == 5 and r.gap is not None and len(r.steps["step"]) == 40 for r in runs)
     (unfinished,) = results.unfinished
     assert "const" in unfinished and "interrupted" in unfinished
-    assert results.tolerance("mnist") == ("train_mse", 0.05) and results.tolerance("fashion-mnist") == ("train_mse", None)
+    assert results.tolerance("mnist") == ("train_mse", 0.05)
+    assert results.tolerance("fashion-mnist") == ("train_mse", None)
 
 
 def test_the_table_numbers_are_the_hand_computed_medians_ratios_and_speed_ups(folder):
