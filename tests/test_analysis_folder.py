@@ -167,3 +167,20 @@ def test_gap_table_gives_medians_ranges_and_step_counts_of_the_stored_gaps(folde
     assert table["A-VI k=64"]["splits"]["train"]["refinement_to_90pct_of_gap"] == {"steps": 40.0, "seconds": 0.4}
     # One F-VI seed never closed 90% of its gap within the curve: no median is given.
     assert table["F-VI"]["splits"]["train"]["refinement_to_90pct_of_gap"] is None
+
+
+@pytest.mark.parametrize("family, kind, architecture, label", [
+    ("amortized", "elbo", "mlp", "A-VI k=64"),
+    ("amortized", "legacy-2024", "mlp", "A-VI k=64 (legacy-2024)"),
+    ("amortized", "elbo", "conv", "A-VI k=64, conv decoder"),
+    ("factorized", "legacy-2024", "conv", "F-VI (legacy-2024), conv decoder"),
+    ("constant", "elbo", "mlp", "constant-VI"),
+])
+def test_a_runs_method_label_names_its_family_objective_and_decoder(family, kind, architecture, label):
+    from amortized_bayes.analysis import method_of
+    from amortized_bayes.config import ModelConfig, ObjectiveConfig
+
+    method = method_of(RunConfig(family=family_config(family, width=64), objective=ObjectiveConfig(kind=kind),
+                                 model=ModelConfig(architecture=architecture)))
+    assert str(method) == label and method.objective == kind and method.decoder == architecture
+    assert method.family == family and method.width == (64 if family == "amortized" else None)

@@ -353,3 +353,41 @@ def test_fused_local_draws_match_draw_z_and_local_terms(num_samples, shared):
     assert (lp1, e1) == pytest.approx((lp2, e2), rel=1e-12)
     torch.testing.assert_close(gm1, gm2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gs1, gs2, rtol=1e-10, atol=1e-12)
+
+
+def test_the_local_elbo_closure_scores_the_theta_it_was_given_and_defaults_to_one_draw_at_the_mean():
+    """make_local_elbo: with a theta, that theta (not the posterior mean); without one, the mean as it is
+    when called; num_samples 1 by default; each value is elbo_per_image on the images passed."""
+    torch.manual_seed(0)
+    model = BayesianDecoder(ModelConfig(latent_dim=2, hidden=5, depth=1, data_dim=6, obs_var=0.4)).double()
+    x = torch.rand(3, 6, dtype=torch.float64)
+    mu, log_sigma = torch.randn(3, 2, dtype=torch.float64), torch.full((3, 2), -1.0, dtype=torch.float64)
+    draw = model.sample(1, torch.Generator().manual_seed(1))
+
+    def direct(theta, samples, seed):
+        return objectives.elbo_per_image(model, x, mu, log_sigma, theta, samples, torch.Generator().manual_seed(seed))
+
+    with_draw = objectives.make_local_elbo(model, 1, torch.Generator().manual_seed(2), theta=draw)(x, mu, log_sigma)
+    torch.testing.assert_close(with_draw, direct(draw, 1, 2))
+    at_mean = objectives.make_local_elbo(model, 1, torch.Generator().manual_seed(2))(x, mu, log_sigma)
+    torch.testing.assert_close(at_mean, direct(model.mean(), 1, 2))
+    assert not torch.allclose(with_draw, at_mean)
+    default = objectives.make_local_elbo(model, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(default(x, mu, log_sigma), direct(model.mean(), 1, 3))
+    assert default(x[:2], mu[:2], log_sigma[:2]).shape == (2,)
+    # The mean is read when the closure is called, so it follows training.
+    late = objectives.make_local_elbo(model, 1, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.theta_loc.add_(0.5)
+    torch.testing.assert_close(late(x, mu, log_sigma), direct(model.mean(), 1, 4))
+
+
+def test_register_objective_makes_the_class_available_by_its_kind():
+    @objectives.register_objective
+    class Doubled(objectives.ELBO):
+        kind = "doubled-elbo-for-a-test"
+
+    try:
+        assert isinstance(objectives.get_objective("doubled-elbo-for-a-test"), Doubled)
+    finally:
+        del objectives.OBJECTIVES["doubled-elbo-for-a-test"]

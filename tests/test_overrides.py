@@ -3,6 +3,8 @@ parse_overrides), value by value, in process (issue 21: the subprocess tests can
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from amortized_bayes.config import ConfigError
@@ -33,3 +35,15 @@ def test_an_override_without_a_value_or_with_an_unknown_field_is_one_clear_error
         parse_overrides(["train.epochs"])
     with pytest.raises(ConfigError, match="train.epoch"):
         parse_overrides(["train.epoch=5"])
+
+
+def test_overriding_a_grid_returns_a_new_grid_and_leaves_the_original_as_it_was():
+    from amortized_bayes.experiments.presets import get_preset
+
+    grid = get_preset("when-and-why")
+    before = json.dumps(grid.to_dict(), sort_keys=True)
+    small = grid.with_overrides({"train.epochs": 3, "family.width": [1, 2], "data.n_test": 5})
+    assert json.dumps(grid.to_dict(), sort_keys=True) == before
+    assert small.base["train"]["epochs"] == 3 and small.axes["family.width"] == [1, 2]
+    assert all("width" not in v.get("family", {}) for v in small.variants)
+    assert {c.train.epochs for c in small.expand()} == {3}
