@@ -184,3 +184,18 @@ def test_a_runs_method_label_names_its_family_objective_and_decoder(family, kind
                                  model=ModelConfig(architecture=architecture)))
     assert str(method) == label and method.objective == kind and method.decoder == architecture
     assert method.family == family and method.width == (64 if family == "amortized" else None)
+
+
+def test_a_method_survives_pickling_with_everything_it_carries():
+    import pickle
+
+    from amortized_bayes.analysis import method_label
+    from amortized_bayes.config import ModelConfig, ObjectiveConfig
+
+    method = method_label(RunConfig(family=family_config("amortized", width=16), model=ModelConfig(architecture="conv"),
+                                    objective=ObjectiveConfig(kind="legacy-2024")))
+    copy = pickle.loads(pickle.dumps(method))
+    assert str(copy) == str(method) == "A-VI k=16 (legacy-2024), conv decoder"
+    assert (copy.family, copy.width, copy.objective, copy.rank, copy.decoder) == ("amortized", 16, "legacy-2024", 0,
+                                                                                  "conv")
+    assert copy.order == method.order
