@@ -92,43 +92,29 @@ class BayesianVAE(PyroModule):
 
 
 class EncoderGuide(PyroModule):
-    """A-VI: encoder D -> k (x depth), LeakyReLU(0.2), linear mean and log-sd heads."""
+    """A-VI: an encoder trunk, LeakyReLU(0.2), linear mean and log-sd heads; the layer names are the
+    tool's, so that its parameters can be copied across. The trunk is an MLP D -> k (x depth) or, with
+    ``conv``, ``depth`` convolutions of k channels (kernel 4, stride 2, padding 1)."""
 
-    def __init__(self, num_data: int, data_dim: int, latent_dim: int, width: int, depth: int = 2):
+    def __init__(self, num_data: int, data_dim: int, latent_dim: int, width: int, depth: int = 2,
+                 conv: bool = False):
         super().__init__()
         self.num_data = num_data
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip([data_dim] + [width] * (depth - 1), [width] * depth)):
-            if i > 0:
-                layers.append(nn.LeakyReLU(0.2))
-            layers.append(nn.Linear(a, b))
+        if conv:
+            side = math.isqrt(data_dim)
+            layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
+            for i in range(depth):
+                layers += [nn.LeakyReLU(0.2)] if i > 0 else []
+                layers.append(nn.Conv2d(1 if i == 0 else width, width, 4, stride=2, padding=1))
+            layers.append(nn.Flatten(1))
+            features = width * (side // 2**depth) ** 2
+        else:
+            layers = []
+            for i, (a, b) in enumerate(zip([data_dim] + [width] * (depth - 1), [width] * depth)):
+                layers += [nn.LeakyReLU(0.2)] if i > 0 else []
+                layers.append(nn.Linear(a, b))
+            features = width
         self.trunk = nn.Sequential(*layers)
-        self.mean_head = nn.Linear(width, latent_dim)
-        self.log_sigma_head = nn.Linear(width, latent_dim)
-
-    def forward(self, x, idx):
-        h = nn.functional.leaky_relu(self.trunk(x), 0.2)
-        with pyro.plate("data", self.num_data, subsample=idx):
-            pyro.sample("z", dist.Normal(self.mean_head(h), self.log_sigma_head(h).exp()).to_event(1))
-
-
-class ConvEncoderGuide(PyroModule):
-    """A-VI with a convolutional encoder: ``depth`` convolutions of k channels (kernel 4, stride 2,
-    padding 1), LeakyReLU(0.2), linear mean and log-sd heads (the tool's layer names, so that its
-    parameters can be copied across)."""
-
-    def __init__(self, num_data: int, data_dim: int, latent_dim: int, width: int, depth: int = 2):
-        super().__init__()
-        self.num_data = num_data
-        side = math.isqrt(data_dim)
-        layers: list[nn.Module] = [nn.Unflatten(1, (1, side, side))]
-        for i in range(depth):
-            if i > 0:
-                layers.append(nn.LeakyReLU(0.2))
-            layers.append(nn.Conv2d(1 if i == 0 else width, width, 4, stride=2, padding=1))
-        layers.append(nn.Flatten(1))
-        self.trunk = nn.Sequential(*layers)
-        features = width * (side // 2**depth) ** 2
         self.mean_head = nn.Linear(features, latent_dim)
         self.log_sigma_head = nn.Linear(features, latent_dim)
 
@@ -187,7 +173,7 @@ def make_guide(model: BayesianVAE, family: str, width: int = 64, init_scale: flo
                encoder: str = "mlp") -> Guide:
     n, d = model.num_data, model.latent_dim
     if family == "amortized":
-        local = (ConvEncoderGuide if encoder == "conv" else EncoderGuide)(n, model.data_dim, d, width)
+        local = EncoderGuide(n, model.data_dim, d, width, conv=encoder == "conv")
     elif family == "factorized":
         local = FactorGuide(n, d)
     elif family == "constant":

@@ -231,9 +231,9 @@ latent_dim = 4
 architecture = "conv"
 channels = 4
 [base.train]
-epochs = 3
-batch_size = 20
-eval_every = 3
+epochs = 2
+batch_size = 30
+eval_every = 2
 [base.train.test_inference]
 max_steps = 100
 window = 20
@@ -274,7 +274,8 @@ def test_conv_runs_go_through_run_gap_report_and_infer(tmp_path):
         last = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
         assert math.isfinite(last["neg_elbo"]) and math.isfinite(last["test_mse"]), run.name
     assert sum("convdec" in r.name for r in runs) == 4
-    _cli("gap", out, "--images", "6", "--iwae-k", "20", "--workers", "1")
+    # The gap on a few test images (the train split's code path is test_gap.py's), to keep this test short.
+    _cli("gap", out, "--split", "test", "--images", "2", "--iwae-k", "10", "--elbo-samples", "4", "--workers", "2")
     for run in runs:
         test = json.loads((run / "gap.json").read_text())["splits"]["test"]
         assert math.isfinite(test["amortization_gap"]["mean"]), run.name
@@ -297,10 +298,12 @@ def test_conv_runs_go_through_run_gap_report_and_infer(tmp_path):
         if "convdec" not in run.name:
             continue
         target = tmp_path / f"{run.name}.npz"
-        _cli("infer", run, tmp_path / "new.npy", "--out", target, "--gap", "--iwae-k", "20", "--elbo-samples", "8")
+        with_gap = "-avi-" in run.name or "-fvi-" in run.name  # the per-image gap for an encoder and for F-VI
+        _cli("infer", run, tmp_path / "new.npy", "--out", target, "--elbo-samples", "8", "--grid", "0",
+             *(["--gap", "--iwae-k", "10"] if with_gap else []))
         result = np.load(target)
         assert result["reconstructions"].shape == (5, 28, 28) and np.isfinite(result["elbo"]).all(), run.name
-        assert np.isfinite(result["amortization_gap"]).all(), run.name
+        assert not with_gap or np.isfinite(result["amortization_gap"]).all(), run.name
         from amortized_bayes.checkpoint import load_fit
 
         fit = load_fit(run / "model.pt")
