@@ -138,12 +138,13 @@ def _point_mass(likelihood: str, n: int = 20):
 
 @pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli"])
 @pytest.mark.parametrize("scheme", ["batch", "all"])
-@pytest.mark.parametrize("num_samples", [1, 3])
-def test_the_training_log_likelihood_term_of_a_conv_decoder_at_fixed_draws(likelihood, scheme, num_samples):
+@pytest.mark.parametrize("num_samples, estimator", [(1, "mc"), (3, "mc"), (2, "analytic")])
+def test_the_training_log_likelihood_term_of_a_conv_decoder_at_fixed_draws(likelihood, scheme, num_samples,
+                                                                           estimator):
     decoder, family, x = _point_mass(likelihood)
     n, rows = x.shape[0], torch.tensor([1, 4, 9, 15, 19])
     terms = objective_terms(decoder, family, x[rows], rows, num_data=n,
-                            config=ObjectiveConfig(local_terms=scheme, num_samples=num_samples),
+                            config=ObjectiveConfig(local_terms=scheme, num_samples=num_samples, estimator=estimator),
                             generator=torch.Generator().manual_seed(4), x_all=x)
     with torch.no_grad():
         out = _reference_decode(decoder, family.loc.weight[rows].unsqueeze(0), decoder.mean())[0]
