@@ -1,9 +1,10 @@
 """The Bayesian decoder of SPEC §1 and its mean-field posterior q(theta).
 
-Every weight and bias of the MLP ``d -> H (x depth) -> D`` has prior N(0, prior_scale^2) and a
-variational factor N(m, s^2); a forward pass uses a reparameterised draw theta = m + s * eps (or the
-posterior mean m). Draws are vectorised: S draws of theta decode S matching draws of z in one batched
-matrix product per layer.
+Every weight and bias of the decoder network (the MLP ``d -> H (x depth) -> D``, or the convolutional
+network of :class:`ConvNetwork`) has prior N(0, prior_scale^2) and a variational factor N(m, s^2); a
+forward pass uses a reparameterised draw theta = m + s * eps (or the posterior mean m). Draws are
+vectorised: S draws of theta decode S matching draws of z in one batched matrix product (or grouped
+convolution) per layer.
 
 q(theta) is stored as two flat vectors of all P weights and biases (``theta_loc``, ``theta_log_scale``);
 ``loc`` and ``log_scale`` are per-layer views of them. One flat draw, one closed-form or Monte Carlo
@@ -48,8 +49,9 @@ class _Reparameterise(torch.autograd.Function):
 
 @dataclass
 class ThetaDraw:
-    """Decoder parameters to decode with: ``values[i]`` has shape ``(S, *shape_i)`` in the order
-    W_1, b_1, W_2, b_2, ... (W_l: (out, in)). ``eps`` holds the standard-normal noise that produced
+    """Decoder parameters to decode with: ``values[i]`` has shape ``(S, *shape_i)`` in the order of the
+    network's tensors (:meth:`DecoderNetwork.tensors`; for the MLP W_1, b_1, W_2, b_2, ... with W_l
+    (out, in)). ``eps`` holds the standard-normal noise that produced
     them (None for the posterior mean). ``flat`` and ``eps_flat`` (S, P), when given, hold the same
     numbers as one matrix (``values[i]`` are views of ``flat``), for terms summed over all of theta."""
 
