@@ -199,3 +199,160 @@ def test_a_method_survives_pickling_with_everything_it_carries():
     assert (copy.family, copy.width, copy.objective, copy.rank, copy.decoder) == ("amortized", 16, "legacy-2024", 0,
                                                                                   "conv")
     assert copy.order == method.order
+
+
+# A second folder with the cases the first does not reach: a method with no gap measured, one measured on
+# the test split only, a train-MSE trace between evaluations, a finished run whose evaluations are lost,
+# a conv-decoder pair, constant-VI (never compared), and a dataset without a tolerance.
+def _write_mixed_run(root, config: RunConfig, evals: list[dict], *, trace=(), gap=None, inference_seconds=None):
+    path = root / "runs" / run_id(config)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    (path / "status.json").write_text(json.dumps({"state": "done"}))
+    if inference_seconds is not None:
+        evals = [{**e, "test_inference_seconds": inference_seconds} for e in evals]
+    (path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    (path / "steps.csv").write_text("step,epoch,neg_elbo,wall_time\n1,0,1.0,0.01\n")
+    (path / "summary.json").write_text(json.dumps({"complete": True, "seconds_per_step": 0.01}))
+    if trace:
+        (path / "mse_trace.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
+    if gap is not None:
+        (path / "gap.json").write_text(json.dumps(gap))
+    return path
+
+
+def _evals(mse: list[float], epochs: list[int], neg_elbo: float = 50_000.0) -> list[dict]:
+    return [{"epoch": e, "step": 10 * e, "wall_time": float(e), "train_mse": m, "test_mse": m + 0.01,
+             "neg_elbo": neg_elbo} for e, m in zip(epochs, mse)]
+
+
+def _gap_split(images: int, amortization: float) -> dict:
+    return {"images": images, "amortization_gap": {"mean": amortization, "se": 0.1},
+            "refinement_to_90pct_of_gap": None, "scratch_to_family_elbo": None,
+            "q_star_cost_from_prior": {"steps": 10, "seconds": 0.5}}
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    from amortized_bayes.config import DataConfig, ModelConfig
+
+    (tmp_path / "grid.json").write_text(json.dumps({"name": "mixed", "tolerance": {"metric": "train_mse",
+                                                                                   "mnist": 0.05}}))
+
+    def config(family, seed=0, width=64, architecture="mlp", dataset="mnist"):
+        return RunConfig(family=family_config(family, width=width), train=TrainConfig(seed=seed),
+                         model=ModelConfig(architecture=architecture), data=DataConfig(dataset=dataset))
+
+    for seed in (0, 1):
+        _write_mixed_run(tmp_path, config("amortized", seed), _evals([0.2, 0.04], [0, 2]),
+                         gap={"theta": "posterior mean", "splits": {"train": _gap_split(8, 2.0 + seed)}})
+        _write_mixed_run(tmp_path, config("factorized", seed), _evals([0.2, 0.1, 0.07 - 0.01 * seed], [0, 1, 2]),
+                         inference_seconds=3.0 + seed)
+    # Evaluated at epochs 0, 2, 4 only; its train-MSE trace (every epoch) crosses 0.05 at epoch 3.
+    trace = [{"epoch": e, "step": 10 * e, "wall_time": 1.5 * e, "train_mse": m}
+             for e, m in enumerate([0.2, 0.1, 0.06, 0.045, 0.04])]
+    _write_mixed_run(tmp_path, config("amortized", width=16), _evals([0.2, 0.06, 0.04], [0, 2, 4]), trace=trace,
+                     gap={"theta": "cut short"})  # a gap.json without splits: not a measurement
+    _write_mixed_run(tmp_path, config("constant"), _evals([0.2, 0.09], [0, 2]),
+                     gap={"theta": "posterior mean", "splits": {"test": _gap_split(4, 9.0)}})
+    _write_mixed_run(tmp_path, config("amortized", architecture="conv"), _evals([0.2, 0.03], [0, 2]))
+    _write_mixed_run(tmp_path, config("factorized", architecture="conv"), [])  # its evals.jsonl lost
+    _write_mixed_run(tmp_path, config("amortized", dataset="fashion-mnist"), _evals([0.3, 0.1], [0, 2]))
+    _write_mixed_run(tmp_path, config("factorized", dataset="fashion-mnist"), _evals([0.3, 0.2], [0, 2]))
+    (tmp_path / "runs" / "leftover").mkdir()  # not a run: ignored
+    return tmp_path
+
+
+def test_load_results_keeps_each_runs_identity_files_and_trace(mixed):
+    results = load_results(mixed)
+    assert results.root == mixed and results.grid["name"] == "mixed" and set(results.groups) == {
+        "mnist", "fashion-mnist"}
+    for by_method in results.groups.values():
+        for runs in by_method.values():
+            for r in runs:
+                assert r.path == mixed / "runs" / r.run_id and r.run_id == run_id(r.config)
+    (k16,) = results.groups["mnist"]["A-VI k=16"]
+    assert [e["epoch"] for e in k16.mse_trace] == [0, 1, 2, 3, 4] and k16.gap == {"theta": "cut short"}
+    assert results.groups["mnist"]["F-VI"][0].gap is None
+
+
+def test_the_train_mse_trace_fills_the_epochs_between_evaluations(mixed):
+    from amortized_bayes.analysis import Crossing, first_crossing
+
+    (k16,) = load_results(mixed).groups["mnist"]["A-VI k=16"]
+    assert [e["epoch"] for e in k16.curve("train_mse")] == [0, 1, 2, 3, 4]
+    # Where an evaluation and the trace share an epoch, the evaluation's record is the one kept.
+    assert [e["wall_time"] for e in k16.curve("train_mse")] == [0.0, 1.5, 2.0, 4.5, 4.0]
+    assert [e["epoch"] for e in k16.curve("neg_elbo")] == [0, 2, 4]
+    assert [e["epoch"] for e in k16.curve("test_mse")] == [0, 2, 4]
+    assert first_crossing(k16.curve("train_mse"), "train_mse", 0.05) == Crossing(3.0, 4.5, True)
+    row = {str(m): r for m, r in dataset_table(load_results(mixed), "mnist").rows.items()}["A-VI k=16"]
+    assert row.epochs_to_tol == 3 and row.seconds_to_tol == 4.5
+
+
+def test_the_table_compares_each_avi_with_the_fvi_of_its_own_decoder_and_nothing_else(mixed):
+    table = dataset_table(load_results(mixed), "mnist")
+    rows = {str(m): r for m, r in table.rows.items()}
+    assert list(rows) == ["A-VI k=16", "A-VI k=64", "F-VI", "constant-VI", "A-VI k=64, conv decoder",
+                          "F-VI, conv decoder"]
+    assert all(str(row.method) == label for label, row in rows.items())
+    assert {str(a): str(c.fvi) for a, c in table.comparisons.items()} == {
+        "A-VI k=16": "F-VI", "A-VI k=64": "F-VI", "A-VI k=64, conv decoder": "F-VI, conv decoder"}
+    assert [s.seed for s in rows["A-VI k=64"].per_seed] == [0, 1] and rows["F-VI"].test_inference_seconds == 3.5
+    assert [s.test_inference_seconds for s in rows["F-VI"].per_seed] == [3.0, 4.0]
+    assert math.isnan(rows["A-VI k=64"].test_inference_seconds)
+    wide = table.comparisons[next(m for m in table.comparisons if str(m) == "A-VI k=64")]
+    f_mse = statistics.median([0.07, 0.06])
+    assert wide.mse_ratio == pytest.approx(0.04 / f_mse)
+    lo, hi = wide.mse_ratio_ci
+    assert lo == pytest.approx(0.04 / 0.07) and hi == pytest.approx(0.04 / 0.06)  # the resampled extremes
+    # F-VI never reached 0.05 (its runs end at epoch 2, 2 s); A-VI k=64 did at epoch 2: at least 1x.
+    assert wide.speedup.unit == "seconds" and wide.speedup_epochs.unit == "epochs"
+    assert wide.speedup_epochs.low == pytest.approx(1.0) and math.isinf(wide.speedup_epochs.high)
+    # The conv F-VI run lost its evaluations: NaN numbers, no crossing, no speed-up, and no crash.
+    conv_fvi = rows["F-VI, conv decoder"]
+    assert math.isnan(conv_fvi.train_mse) and math.isnan(conv_fvi.neg_elbo_per_image)
+    assert conv_fvi.per_seed[0].crossing is None and conv_fvi.epochs_to_tol_reached == 0
+    conv = table.comparisons[next(m for m in table.comparisons if m.decoder == "conv")]
+    assert conv.speedup is None and conv.speedup_epochs is None and math.isnan(conv.mse_ratio)
+
+
+def test_a_dataset_without_a_tolerance_has_no_crossings_and_no_speed_ups(mixed):
+    results = load_results(mixed)
+    table = dataset_table(results, "fashion-mnist")
+    assert table.tolerance is None and len(table.rows) == 2 and len(table.comparisons) == 1
+    assert all(s.crossing is None for row in table.rows.values() for s in row.per_seed)
+    assert all(math.isnan(row.epochs_to_tol) and row.epochs_to_tol_reached == 0 for row in table.rows.values())
+    (c,) = table.comparisons.values()
+    assert c.speedup is None and c.speedup_epochs is None and c.mse_ratio == pytest.approx(0.1 / 0.2)
+    empty = dataset_table(results, "kmnist")
+    assert empty.rows == {} and empty.comparisons == {} and gap_table(results, "kmnist") == {}
+
+
+def test_a_tolerance_on_test_mse_is_kept_with_everything_else(mixed):
+    results = load_results(mixed)
+    on_test = with_tolerance(results, "test_mse", 0.05)
+    assert on_test.tolerance("mnist") == ("test_mse", 0.05) and on_test.tolerance("fashion-mnist") == (
+        "test_mse", 0.05)
+    assert on_test.grid["tolerance_overridden"] is True and "tolerance_overridden" not in results.grid
+    assert on_test.root == results.root and on_test.unfinished == results.unfinished == []
+    rows = {str(m): r for m, r in dataset_table(on_test, "mnist").rows.items()}
+    # Test MSE is the train MSE + 0.01 here: A-VI k=64 at 0.05 by epoch 2; the conv A-VI (0.04) too.
+    assert rows["A-VI k=64"].epochs_to_tol == 2 and rows["A-VI k=16"].epochs_to_tol == 4
+    assert rows["A-VI k=64, conv decoder"].epochs_to_tol == 2
+
+
+def test_an_unfinished_run_survives_a_tolerance_set_afterwards(folder):
+    results = load_results(folder)
+    assert with_tolerance(results, "train_mse", 0.1).unfinished == results.unfinished != []
+
+
+def test_gap_table_skips_unmeasured_methods_and_splits(mixed):
+    table = {str(m): row for m, row in gap_table(load_results(mixed), "mnist").items()}
+    assert list(table) == ["A-VI k=64", "constant-VI"]  # k=16's gap.json was cut short; F-VI unmeasured
+    assert table["A-VI k=64"]["seeds"] == 2 and list(table["A-VI k=64"]["splits"]) == ["train"]
+    assert table["A-VI k=64"]["splits"]["train"]["amortization_gap"]["median"] == 2.5
+    const = table["constant-VI"]
+    assert const["seeds"] == 1 and const["theta"] == "posterior mean" and list(const["splits"]) == ["test"]
+    assert const["splits"]["test"]["images"] == 4 and const["splits"]["test"]["amortization_gap"]["median"] == 9.0
+    assert const["splits"]["test"]["refinement_to_90pct_of_gap"] is None

@@ -47,3 +47,19 @@ def test_overriding_a_grid_returns_a_new_grid_and_leaves_the_original_as_it_was(
     assert small.base["train"]["epochs"] == 3 and small.axes["family.width"] == [1, 2]
     assert all("width" not in v.get("family", {}) for v in small.variants)
     assert {c.train.epochs for c in small.expand()} == {3}
+
+
+@pytest.mark.parametrize("name", ["quick", "replicate-2024", "when-and-why", "mlp-vs-conv"])
+def test_the_stored_grid_json_reads_back_as_the_same_grid(name, tmp_path):
+    """`run` stores ``grid.to_dict()`` as OUT/grid.json; that file is itself a grid file, with every
+    field (name, description, base, axes, variants, tolerance) and the same runs."""
+    from amortized_bayes.experiments.grid import load_grid_file, run_id
+    from amortized_bayes.experiments.presets import get_preset
+
+    grid = get_preset(name)
+    stored = tmp_path / "grid.json"
+    stored.write_text(json.dumps(grid.to_dict()))
+    again = load_grid_file(stored)
+    assert (again.name, again.description, again.base, again.axes, again.variants, again.tolerance) == (
+        grid.name, grid.description, grid.base, grid.axes, grid.variants, grid.tolerance)
+    assert [run_id(c) for c in again.expand()] == [run_id(c) for c in grid.expand()]

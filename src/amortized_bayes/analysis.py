@@ -44,7 +44,7 @@ class Method(str):
     decoder: str
 
     def __new__(cls, label: str, *, family: str, width: int | None, objective: str, rank: int,
-                decoder: str = "mlp") -> Method:
+                decoder: str) -> Method:
         method = super().__new__(cls, label)
         method.family, method.width, method.objective, method.rank = family, width, objective, rank
         method.decoder = decoder
@@ -65,7 +65,7 @@ class Method(str):
         return (self.decoder != "mlp", self.decoder, self.rank, self.width or 0, str(self))
 
 
-def _method(label, family, width, objective, rank, decoder="mlp") -> Method:
+def _method(label, family, width, objective, rank, decoder) -> Method:
     return Method(label, family=family, width=width, objective=objective, rank=rank, decoder=decoder)
 
 
@@ -152,14 +152,14 @@ def with_tolerance(results: Results, metric: str, value: float) -> Results:
 
 def load_results(root: str | Path) -> Results:
     store = ResultStore(root)
-    results = Results(Path(root), read_json(Path(root) / "grid.json", {}) or {})
+    results = Results(Path(root), read_json(Path(root) / "grid.json") or {})
     for rec in store.records():
         if rec.state != RunState.DONE:
             results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
             continue
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
-                      read_evals(rec.path), read_json(rec.path / "summary.json", {}) or {},
-                      read_json(rec.path / "gap.json", None), read_mse_trace(rec.path))
+                      read_evals(rec.path), read_json(rec.path / "summary.json") or {},
+                      read_json(rec.path / "gap.json"), read_mse_trace(rec.path))
         by_method = results.groups.setdefault(rec.config.data.label, {})
         by_method.setdefault(method_label(rec.config), []).append(run)
     for by_method in results.groups.values():
@@ -358,8 +358,8 @@ class MethodRow:
         return len(self.per_seed)
 
 
-def method_summary(runs: list[RunData], metric: str, tol: float | None, method: Method | None = None) -> MethodRow:
-    """The :class:`MethodRow` of one method's runs (its seeds)."""
+def method_summary(runs: list[RunData], metric: str, tol: float | None, method: Method) -> MethodRow:
+    """The :class:`MethodRow` of ``method``'s runs (its seeds)."""
     per_seed = []
     for r in runs:
         final = r.evals[-1] if r.evals else {}
@@ -383,8 +383,7 @@ def method_summary(runs: list[RunData], metric: str, tol: float | None, method: 
         else:
             lower = upper = math.nan
         times[key], times[f"{key}_lower"] = upper, lower
-    return MethodRow(method=method if method is not None else method_of(runs[0].config), per_seed=tuple(per_seed),
-                     **medians, **times)
+    return MethodRow(method=method, per_seed=tuple(per_seed), **medians, **times)
 
 
 @dataclass(frozen=True)
@@ -446,7 +445,7 @@ def dataset_table(results: Results, dataset: str) -> DatasetTable:
         f, a = fvi.per_seed, row.per_seed
         fc = [s.crossing for s in f if s.crossing is not None]
         ac = [s.crossing for s in a if s.crossing is not None]
-        timed = tol is not None and fc and ac
+        timed = bool(fc and ac)  # both empty without a tolerance
         comparisons[method] = Comparison(
             avi=method, fvi=fvi.method,
             elbo_ratio=row.neg_elbo_per_image / fvi.neg_elbo_per_image,
@@ -469,12 +468,12 @@ def gap_table(results: Results, dataset: str) -> dict:
     its range over seeds, and the local-optimisation costs; only methods with at least one measured run."""
     table = {}
     for method, runs in methods_of(results.groups.get(dataset, {})):
-        measured = [r.gap for r in runs if r.gap]
+        measured = [r.gap for r in runs if r.gap and r.gap.get("splits")]  # not a gap.json cut short
         if not measured:
             continue
         row: dict = {"seeds": len(measured), "theta": measured[0].get("theta"), "splits": {}}
         for split in ("train", "test"):
-            per_run = [g["splits"][split] for g in measured if split in g.get("splits", {})]
+            per_run = [g["splits"][split] for g in measured if split in g["splits"]]
             if not per_run:
                 continue
             cell: dict = {"images": per_run[0]["images"]}
