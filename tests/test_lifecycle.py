@@ -64,3 +64,34 @@ def test_one_planner_splits_done_busy_and_to_do(tmp_path):
     finally:
         lock.release()
     assert [r.run_id for r in plan_runs(store.records()).todo] == sorted([busy.run_id, todo.run_id])
+
+
+def test_a_resumed_run_records_the_pace_of_its_own_attempt(tmp_path):
+    """`status` estimates the time left of a resumed run from the epochs of its present attempt: the
+    worker records how many epochs that attempt trained beside its elapsed seconds."""
+    store = ResultStore(tmp_path)
+    config = RunConfig(data=DataConfig(n_train=40, n_test=10), model=ModelConfig(latent_dim=3, hidden=8),
+                       family=family_config("factorized"), train=TrainConfig(epochs=4, seed=0))
+    record = store.plan(config)
+    # A driver pid that is never this process's parent: the worker stops after epoch 1, checkpointed.
+    assert execute(record.path, checkpoint_seconds=0.0, parent_pid=-1) == "failed"
+    assert (record.path / "state.pt").exists()
+    assert execute(record.path) == "done"
+    status = json.loads((record.path / "status.json").read_text())
+    assert status["epochs_done"] == 4 and status["epochs_this_attempt"] == 3 and status["attempts"] == 2
+
+
+@pytest.mark.parametrize("status, left", [
+    # This attempt: 100 epochs in 50 s, so 0.5 s each for the 400 left (earlier attempts do not count).
+    ({"epochs_done": 600, "epochs_this_attempt": 100, "elapsed_seconds": 50.0, "train_seconds": 900.0}, 200.0),
+    # No pace of this attempt yet (or a status from before the field): training time over all epochs.
+    ({"epochs_done": 600, "epochs_this_attempt": 0, "elapsed_seconds": 3.0, "train_seconds": 900.0}, 600.0),
+    ({"epochs_done": 600, "elapsed_seconds": 50.0, "train_seconds": 900.0}, 600.0),
+    ({"epochs_done": 1000, "epochs_this_attempt": 10, "elapsed_seconds": 5.0}, 0.0),
+    ({"epochs_done": 0}, None),
+    ({}, None),
+])
+def test_time_left_uses_the_present_attempts_pace(status, left):
+    from amortized_bayes.cli.run import time_left
+
+    assert time_left(status, 1000) == left

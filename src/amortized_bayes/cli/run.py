@@ -222,6 +222,24 @@ def print_summary(store, seconds: float | None = None) -> None:
         print(f"\n{len(rows)} runs in {store.root}; this invocation took {_fmt_seconds(seconds)}; table: {path}")
 
 
+def time_left(status: dict, total_epochs: int) -> float | None:
+    """Seconds a run still needs, from its ``status.json``: the epochs left at the pace of its present
+    attempt (``elapsed_seconds`` over ``epochs_this_attempt``, evaluations included); without that pace
+    (a status written before the field existed, or before the attempt's first epoch), at the pace of
+    its training steps over all attempts (``train_seconds`` over ``epochs_done``). None when neither
+    is known."""
+    done = status.get("epochs_done") or 0
+    if done >= total_epochs:
+        return 0.0
+    elapsed, recent = status.get("elapsed_seconds"), status.get("epochs_this_attempt")
+    if elapsed and recent:
+        return elapsed / recent * (total_epochs - done)
+    trained = status.get("train_seconds")
+    if trained and done:
+        return trained / done * (total_epochs - done)
+    return None
+
+
 def cmd_status(args) -> int:
     from ..experiments.store import ResultStore
 
@@ -234,17 +252,14 @@ def cmd_status(args) -> int:
     if not records:
         raise UserError(f"no runs in {args.out}")
     counts: dict[str, int] = {}
-    print(f"{'run':48s} {'state':11s} {'epochs':>11s} {'time':>8s} {'left':>8s}")
+    print(f"{'run':48s} {'state':11s} {'epochs':>11s} {'trained':>8s} {'left':>8s}")
     for rec in records:
         state = rec.display_state
         counts[state] = counts.get(state, 0) + 1
         done, total = rec.status.get("epochs_done", 0) or 0, rec.config.train.epochs
-        elapsed = rec.status.get("elapsed_seconds")
-        left = None
-        if state in ("running", "interrupted") and done and elapsed:
-            left = elapsed / done * (total - done)
-        print(f"{rec.run_id[:48]:48s} {state:11s} {f'{done}/{total}':>11s} {_fmt_seconds(elapsed):>8s} "
-              f"{_fmt_seconds(left):>8s}")
+        left = time_left(rec.status, total) if state in ("running", "interrupted") else None
+        print(f"{rec.run_id[:48]:48s} {state:11s} {f'{done}/{total}':>11s} "
+              f"{_fmt_seconds(rec.status.get('train_seconds')):>8s} {_fmt_seconds(left):>8s}")
         if state == "failed" and rec.status.get("error"):
             print(f"{'':48s} error: {rec.status['error']}")
     print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())))

@@ -88,16 +88,22 @@ def _execute_locked(run_dir: Path, *, threads: int, checkpoint_seconds: float, t
     started = time.time()
     store.update_status(run_dir, state=RunState.RUNNING, pid=os.getpid(), host=socket.gethostname(),
                         started_at=now(), attempts=attempts, threads=threads, epochs_total=config.train.epochs,
-                        resumed=files.state.exists(), error=None)
+                        resumed=files.state.exists(), error=None, epochs_this_attempt=0, elapsed_seconds=0.0)
     writer = _tensorboard(tensorboard_dir, run_dir.name) if tensorboard_dir else None
     logged_steps = [0]
+    first_epoch: list[int] = []  # the epoch this attempt resumed at (0 for a fresh run)
 
     def on_epoch(result) -> None:
         if parent_pid is not None and os.getppid() != parent_pid:
             raise DriverGone(f"the driver (pid {parent_pid}) died at epoch {result.epochs_done}")
+        if not first_epoch:
+            first_epoch.append(result.epochs_done - 1)
+        # elapsed_seconds is this attempt's; epochs_this_attempt goes with it, so that `status` can
+        # estimate the time left of a resumed run from its present pace, not from epochs it did earlier.
         store.update_status(run_dir, epochs_done=result.epochs_done, steps_done=result.steps_done,
                             train_seconds=result.history.wall_time[-1] if result.history.wall_time else 0.0,
-                            elapsed_seconds=time.time() - started, updated_at=now())
+                            elapsed_seconds=time.time() - started,
+                            epochs_this_attempt=result.epochs_done - first_epoch[0], updated_at=now())
         if writer is not None:
             h = result.history
             for i in range(logged_steps[0], len(h.step)):
