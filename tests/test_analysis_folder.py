@@ -272,7 +272,7 @@ def test_load_results_keeps_each_runs_identity_files_and_trace(mixed):
             for r in runs:
                 assert r.path == mixed / "runs" / r.run_id and r.run_id == run_id(r.config)
     (k16,) = results.groups["mnist"]["A-VI k=16"]
-    assert [e["epoch"] for e in k16.mse_trace] == [0, 1, 2, 3, 4] and k16.gap == {"theta": "cut short"}
+    assert [e["epoch"] for e in k16.mse_trace] == [0, 1, 2, 3, 4] and k16.gap is None  # its gap.json cut short
     assert results.groups["mnist"]["F-VI"][0].gap is None
 
 
@@ -356,3 +356,66 @@ def test_gap_table_skips_unmeasured_methods_and_splits(mixed):
     assert const["seeds"] == 1 and const["theta"] == "posterior mean" and list(const["splits"]) == ["test"]
     assert const["splits"]["test"]["images"] == 4 and const["splits"]["test"]["amortization_gap"]["median"] == 9.0
     assert const["splits"]["test"]["refinement_to_90pct_of_gap"] is None
+
+
+def test_reaching_fvis_own_final_values_hand_computed(folder):
+    from amortized_bayes.analysis import fvi_targets
+
+    rows = fvi_targets(load_results(folder), "mnist")
+    assert [(r.metric, r.margin, str(r.method)) for r in rows] == [
+        (metric, margin, label) for metric in ("train_mse", "neg_elbo") for margin in (0.01, 0.05)
+        for label in ("A-VI k=64", "F-VI")]
+    by = {(r.metric, r.margin, str(r.method)): r for r in rows}
+    # F-VI's final train MSEs 0.04, 0.06, 0.055: median 0.055, so the 1% target is 0.05555. A-VI's seeds
+    # get there at epochs 2, 3, 2 (4, 6, 4 s); F-VI's at 3 (3 s), never (0.06 at epoch 4), 4 (4 s).
+    avi, fvi = by[("train_mse", 0.01, "A-VI k=64")], by[("train_mse", 0.01, "F-VI")]
+    assert avi.target == pytest.approx(0.055 * 1.01) and fvi.target == avi.target
+    assert [(c.epochs, c.seconds, c.reached) for c in fvi.crossings] == [(3, 3, True), (4, 4, False), (4, 4, True)]
+    assert (avi.epochs, avi.seconds, avi.reached) == (2, 4, 3) and (fvi.epochs, fvi.seconds, fvi.reached) == (4, 4, 2)
+    assert fvi.speedup is None and fvi.speedup_epochs is None
+    assert avi.speedup_epochs.exact and avi.speedup_epochs.low == pytest.approx(4 / 2)
+    assert avi.speedup.exact and avi.speedup.low == pytest.approx(4 / 4)
+    assert by[("train_mse", 0.05, "A-VI k=64")].target == pytest.approx(0.055 * 1.05)
+    # -ELBO per image: F-VI's finals 100, 100.5, 99, median 100; 1% target 101 (101,000 over N = 1,000).
+    # F-VI reaches it at epochs 3, 4, 2 (median 3); A-VI only seed 0, at epoch 4 (8 s): at most 3/4 as fast.
+    avi, fvi = by[("neg_elbo", 0.01, "A-VI k=64")], by[("neg_elbo", 0.01, "F-VI")]
+    assert avi.target == pytest.approx(101.0) and (fvi.epochs, fvi.seconds) == (3, 3)
+    assert math.isinf(avi.epochs) and avi.epochs_lower == 4 and avi.seconds_lower == 8 and avi.reached == 1
+    assert avi.speedup_epochs.low == 0 and avi.speedup_epochs.high == pytest.approx(3 / 4)
+    # 5%: 105 per image; F-VI is there at its first evaluation, A-VI at epochs 0, 1, 3 (0, 2, 6 s).
+    avi5 = by[("neg_elbo", 0.05, "A-VI k=64")]
+    assert avi5.target == pytest.approx(105.0) and (avi5.epochs, avi5.seconds) == (1, 2)
+    assert by[("neg_elbo", 0.05, "F-VI")].epochs == 0
+
+
+def test_a_negative_final_elbo_target_is_loosened_not_tightened(mixed):
+    from amortized_bayes.analysis import fvi_targets
+
+    # The fashion-mnist pair: -ELBO 50,000 per run over N = 1,000 images: 50 per image.
+    rows = {(r.metric, r.margin, str(r.method)): r for r in fvi_targets(load_results(mixed), "fashion-mnist")}
+    assert rows[("neg_elbo", 0.05, "F-VI")].target == pytest.approx(52.5)
+    for path in (mixed / "runs").glob("fashion-mnist-*"):
+        evals = [json.loads(line) for line in (path / "evals.jsonl").read_text().splitlines()]
+        (path / "evals.jsonl").write_text("".join(json.dumps({**e, "neg_elbo": -e["neg_elbo"]}) + "\n"
+                                                  for e in evals))
+    rows = {(r.metric, r.margin, str(r.method)): r for r in fvi_targets(load_results(mixed), "fashion-mnist")}
+    assert rows[("neg_elbo", 0.05, "F-VI")].target == pytest.approx(-47.5)
+    # The conv F-VI lost its evaluations: no target for the conv pair, and no error.
+    assert {str(r.method) for r in fvi_targets(load_results(mixed), "mnist")} == {
+        "A-VI k=16", "A-VI k=64", "F-VI", "constant-VI"}
+
+
+def test_the_report_prints_the_reaching_fvi_table(folder):
+    from amortized_bayes.report import build_report
+
+    for gap in (folder / "runs").glob("*/gap.json"):  # the gap figure needs curves this folder does not have
+        gap.unlink()
+    md = build_report(folder)["markdown"].read_text()
+    assert "### Reaching F-VI's own final values" in md
+    lines = md.splitlines()
+    row = next(line for line in lines if line.startswith("| train MSE <= 0.05555 (F-VI's final + 1%) | A-VI k=64 |"))
+    assert row.split(" | ")[2:4] == ["2 (3/3)", "4 (3/3)"] and "1.00x" in row and "2.00x" in row
+    fvi = next(line for line in lines if line.startswith("| train MSE <= 0.05555 (F-VI's final + 1%) | F-VI |"))
+    assert fvi.split(" | ")[2:4] == ["4 (2/3)", "4 (2/3)"]
+    elbo = next(line for line in lines if line.startswith("| -ELBO/image <= 101 (F-VI's final + 1%) | A-VI k=64 |"))
+    assert elbo.split(" | ")[2:4] == [">= 4 (1/3)", ">= 8 (1/3)"] and "at most 0.75x" in elbo

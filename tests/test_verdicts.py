@@ -152,3 +152,9 @@ def test_one_seed_each_prints_no_interval_instead_of_a_point_as_one():
     assert two.has_interval and "95% CI" in two.describe()
     assert describe_ratio(0.9991, (0.9991, 0.9991), 1) == "0.999 (one seed each, no interval)"
     assert describe_ratio(0.9991, (0.98, 1.01), 3) == "0.999 (95% CI 0.980-1.010)"
+
+
+def test_two_families_at_the_target_from_their_first_evaluation_are_equally_fast():
+    at_start = [Crossing(0.0, 0.0, True)] * 2
+    s = speedup(at_start, at_start, "epochs")
+    assert s.exact and s.low == 1.0 and s.ci == (1.0, 1.0) and s.describe().startswith("1.00x")

@@ -6,6 +6,7 @@ Everything here reads the result store and computes; nothing trains.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ class RunData:
     steps: dict
     evals: list[dict]
     summary: dict
-    gap: dict | None = None  # gap.json, once `amortized-bayes gap` has measured the run
+    gap: dict | None = None  # gap.json, once `amortized-bayes gap` has measured the run (with its splits)
     mse_trace: list[dict] = field(default_factory=list)  # mse_trace.jsonl (train.mse_every)
 
     @property
@@ -157,9 +158,11 @@ def load_results(root: str | Path) -> Results:
         if rec.state != RunState.DONE:
             results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
             continue
+        gap = read_json(rec.path / "gap.json")
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
                       read_evals(rec.path), read_json(rec.path / "summary.json") or {},
-                      read_json(rec.path / "gap.json"), read_mse_trace(rec.path))
+                      gap if isinstance(gap, dict) and gap.get("splits") else None,  # not one cut short
+                      read_mse_trace(rec.path))
         by_method = results.groups.setdefault(rec.config.data.label, {})
         by_method.setdefault(method_label(rec.config), []).append(run)
     for by_method in results.groups.values():
@@ -217,7 +220,8 @@ def _ratio(num: float, den: float) -> float:
     if math.isinf(num) and math.isinf(den):
         return math.nan
     if den == 0:
-        return math.inf if num > 0 else math.nan
+        # 0 / 0: both were there at their first evaluation (a loose target), as fast as each other.
+        return math.inf if num > 0 else 1.0
     return num / den
 
 
@@ -423,6 +427,7 @@ class DatasetTable:
     rows: dict[Method, MethodRow]
     comparisons: dict[Method, Comparison]
     verdicts: list[Verdict]
+    targets: list = field(default_factory=list)  # TargetRow: reaching F-VI's own final values
     gaps: dict = field(default_factory=dict)
     note: str | None = None
 
@@ -457,7 +462,88 @@ def dataset_table(results: Results, dataset: str) -> DatasetTable:
             speedup=speedup(fc, ac, "seconds") if timed else None,
             speedup_epochs=speedup(fc, ac, "epochs") if timed else None,
         )
-    return DatasetTable(dataset, metric, tol, rows, comparisons, verdicts(rows, comparisons, metric, tol))
+    return DatasetTable(dataset, metric, tol, rows, comparisons, verdicts(rows, comparisons, metric, tol),
+                        fvi_targets(results, dataset))
+
+
+FVI_TARGET_METRICS = ("train_mse", "neg_elbo")
+FVI_TARGET_MARGINS = (0.01, 0.05)
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """When one method's seeds first came within ``margin`` of F-VI's own final value of ``metric``
+    (the median over F-VI's seeds of their last evaluation; ``neg_elbo`` in nats per image): ``target``
+    = final + margin x |final| (a -ELBO can be negative). Times as :class:`MethodRow`'s: the median
+    with seeds that never got there infinitely late, and censored at their last evaluation
+    (``_lower``). ``speedup``/``speedup_epochs``: F-VI's own time to the target over this method's
+    (None for F-VI's row)."""
+
+    method: Method
+    metric: str
+    margin: float
+    target: float
+    crossings: tuple[Crossing, ...]
+    epochs: float
+    epochs_lower: float
+    seconds: float
+    seconds_lower: float
+    speedup: SpeedUp | None
+    speedup_epochs: SpeedUp | None
+
+    @property
+    def reached(self) -> int:
+        return sum(c.reached for c in self.crossings)
+
+
+def _final(run: RunData, metric: str) -> float:
+    """A run's last evaluated ``metric``; -ELBO per image."""
+    value = run.evals[-1].get(metric, math.nan) if run.evals else math.nan
+    return value / run.n if metric == "neg_elbo" else value
+
+
+def fvi_targets(results: Results, dataset: str, metrics: tuple[str, ...] = FVI_TARGET_METRICS,
+                margins: tuple[float, ...] = FVI_TARGET_MARGINS) -> list[TargetRow]:
+    """For every method compared with an F-VI (that of the same objective and decoder, F-VI itself
+    included) and every metric and margin: when its seeds reached F-VI's own final value within the
+    margin (:class:`TargetRow`), in table order, grouped by metric and margin. A target F-VI has no
+    final value for (its evaluations lost) is left out."""
+    methods = methods_of(results.groups.get(dataset, {}))
+    fvi_runs = {m.model: runs for m, runs in methods if m.family == FVI}
+    out = []
+    for metric in metrics:
+        for margin in margins:
+            own: dict[tuple[str, str], list[Crossing]] = {}
+            for method, runs in methods:
+                fvi = fvi_runs.get(method.model)
+                if fvi is None:
+                    continue
+                final = float(np.median([_final(r, metric) for r in fvi]))
+                if not math.isfinite(final):
+                    continue
+                target = final + margin * abs(final)
+                # The curves hold -ELBO totals over the N training images; the target is per image.
+                crossings = [c for c in (first_crossing(r.curve(metric), metric,
+                                                        target * r.n if metric == "neg_elbo" else target)
+                                         for r in runs) if c is not None]
+                if not crossings:
+                    continue
+                if method.family == FVI:
+                    own[method.model] = crossings
+                times = {}
+                for unit in ("epochs", "seconds"):
+                    lower, upper = censored_median([getattr(c, unit) for c in crossings],
+                                                   [c.reached for c in crossings])
+                    times[unit], times[f"{unit}_lower"] = upper, lower
+                out.append(TargetRow(method, metric, margin, target, tuple(crossings), **times,
+                                     speedup=None, speedup_epochs=None))
+            # F-VI's own crossings are known once its row is built: fill in every other row's speed-ups.
+            for i, row in enumerate(out):
+                f = own.get(row.method.model)
+                if row.metric == metric and row.margin == margin and row.method.family != FVI and f:
+                    out[i] = dataclasses.replace(row, speedup=speedup(f, list(row.crossings), "seconds"),
+                                                 speedup_epochs=speedup(f, list(row.crossings), "epochs"))
+    return out
 
 
 GAP_KEYS = ("amortization_gap", "approximation_gap", "approximation_gap_ais")
@@ -468,7 +554,7 @@ def gap_table(results: Results, dataset: str) -> dict:
     its range over seeds, and the local-optimisation costs; only methods with at least one measured run."""
     table = {}
     for method, runs in methods_of(results.groups.get(dataset, {})):
-        measured = [r.gap for r in runs if r.gap and r.gap.get("splits")]  # not a gap.json cut short
+        measured = [r.gap for r in runs if r.gap]
         if not measured:
             continue
         row: dict = {"seeds": len(measured), "theta": measured[0].get("theta"), "splits": {}}
