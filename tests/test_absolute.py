@@ -230,3 +230,42 @@ def test_atomic_write_is_never_seen_half_written_even_under_sigkill(tmp_path):
         data = path.read_bytes()
         assert len(data) == size and data.count(data[:1]) == size
         assert reads > 5
+
+
+def test_the_test_images_elbo_is_their_closed_form_local_elbo_and_draws_nothing_from_training():
+    """evaluate()'s test_neg_elbo_per_image: -(E log p(x'|z', theta) - KL(q(z')||p(z'))) per test image,
+    at the encoder's q(z') and a q(theta) with spread, against the closed form (KL(q(theta)||p(theta))
+    left out); from a generator of its own, so the training generator is where it was."""
+    from amortized_bayes.config import DataConfig, TrainConfig
+    from amortized_bayes.evaluation import local_posterior
+    from amortized_bayes.training import TrainingData, build, evaluate
+
+    obs_var, prior_scale = 0.4, 0.8
+    config = RunConfig(data=DataConfig(n_train=6, n_test=9),
+                       model=ModelConfig(latent_dim=3, hidden=1, depth=0, data_dim=7, obs_var=obs_var,
+                                         prior_scale=prior_scale),
+                       family=family_config("amortized", width=5), train=TrainConfig(eval_samples=100))
+    model, family = build(config, 6)
+    with torch.no_grad():
+        model.theta_log_scale.copy_(torch.empty(model.num_params).uniform_(math.log(0.1), math.log(0.6)))
+        model.theta_loc.normal_(0.0, 0.7)
+    g = torch.Generator().manual_seed(3)
+    data = TrainingData(torch.rand(6, 7, generator=g), torch.rand(9, 7, generator=g))
+    mu, log_sigma = local_posterior(model, family, data.test, None)
+    exact, kl_theta = _linear_elbo_with_spread(model, data.test, mu, log_sigma, obs_var, prior_scale)
+    local_exact = -(exact + kl_theta) / 9
+    generator = torch.Generator().manual_seed(0)
+    values = []
+    for epoch in range(30):
+        before = generator.get_state()
+        record, _ = evaluate(model, family, data, config, generator, None, epoch)
+        values.append(record["test_neg_elbo_per_image"])
+        # The training generator moves exactly as much as an evaluation without test images moves it.
+        after = generator.get_state()
+        generator.set_state(before)
+        evaluate(model, family, TrainingData(data.train, None), config, generator, None, epoch)
+        assert torch.equal(generator.get_state(), after)
+    values = np.array(values)
+    se = values.std(ddof=1) / math.sqrt(len(values))
+    assert len(set(values.tolist())) == 30  # each epoch draws afresh
+    assert abs(values.mean() - local_exact) < 4 * se + 1e-4 * abs(local_exact), (values.mean(), local_exact, se)

@@ -41,7 +41,8 @@ def _write_run(root, family: str, seed: int, mse: list[float], wall: list[float]
     (path / "config.json").write_text(json.dumps(config.to_dict()))
     (path / "status.json").write_text(json.dumps({"state": "done" if done else "running"}))
     evals = [{"epoch": e, "step": 10 * e, "wall_time": wall[e], "train_mse": m, "test_mse": m + 0.01,
-              "neg_elbo": neg_elbo + 1000.0 * (4 - e)} for e, m in enumerate(mse)]
+              "neg_elbo": neg_elbo + 1000.0 * (4 - e), "test_neg_elbo_per_image": (neg_elbo + 1000.0 * (4 - e)) / N + 3}
+             for e, m in enumerate(mse)]
     (path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     (path / "steps.csv").write_text("step,epoch,neg_elbo,wall_time\n" + "".join(
         f"{s},{s // 10},{neg_elbo},{step_seconds * s}\n" for s in range(1, 41)))
@@ -118,6 +119,14 @@ def test_the_table_numbers_are_the_hand_computed_medians_ratios_and_speed_ups(fo
     assert c.mse_ratio == pytest.approx(avi.train_mse / fvi.train_mse)
     lo, hi = c.elbo_ratio_ci
     assert lo < c.elbo_ratio < hi
+    # On the test images: -ELBO per image 3 nats above the training one here, test MSE 0.01 above.
+    assert avi.test_neg_elbo_per_image == pytest.approx(statistics.median(AVI_ELBO.values()) / N + 3)
+    assert c.test_elbo_ratio == pytest.approx((statistics.median(AVI_ELBO.values()) / N + 3)
+                                              / (statistics.median(FVI_ELBO.values()) / N + 3))
+    assert c.test_mse_ratio == pytest.approx(statistics.median(m[-1] + 0.01 for m in AVI.values())
+                                             / statistics.median(m[-1] + 0.01 for m in FVI.values()))
+    for ratio, (low, high) in ((c.test_elbo_ratio, c.test_elbo_ratio_ci), (c.test_mse_ratio, c.test_mse_ratio_ci)):
+        assert low < ratio < high
     assert c.step_time_ratio == pytest.approx(avi.seconds_per_step / fvi.seconds_per_step)
     # Speed-up in epochs: F-VI's censored median (at least 4) over A-VI's 2: at least 2x, unbounded above;
     # in seconds at least 4 / 4 = 1x.
@@ -417,5 +426,17 @@ def test_the_report_prints_the_reaching_fvi_table(folder):
     assert row.split(" | ")[2:4] == ["2 (3/3)", "4 (3/3)"] and "1.00x" in row and "2.00x" in row
     fvi = next(line for line in lines if line.startswith("| train MSE <= 0.05555 (F-VI's final + 1%) | F-VI |"))
     assert fvi.split(" | ")[2:4] == ["4 (2/3)", "4 (2/3)"]
+    head = next(line for line in lines if line.startswith("| method | seeds |")).split(" | ")
+    avi = next(line for line in lines if line.startswith("| A-VI k=64 | 3 |")).split(" | ")
+    assert head[3] == "test -ELBO/image (nats)" and float(avi[3]) == pytest.approx(102 + 3)
+    assert avi[head.index("test -ELBO vs F-VI")].startswith(f"{105 / 103:.3f} (95% CI")
     elbo = next(line for line in lines if line.startswith("| -ELBO/image <= 101 (F-VI's final + 1%) | A-VI k=64 |"))
     assert elbo.split(" | ")[2:4] == [">= 4 (1/3)", ">= 8 (1/3)"] and "at most 0.75x" in elbo
+
+
+def test_runs_without_a_test_elbo_get_no_test_elbo_columns(mixed):
+    from amortized_bayes.report import table_rows
+
+    head, rows = table_rows(dataset_table(load_results(mixed), "mnist"))
+    assert "test -ELBO/image (nats)" not in head and "test MSE vs F-VI" not in head
+    assert all(len(r) == len(head) for r in rows)

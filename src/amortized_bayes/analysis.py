@@ -326,6 +326,7 @@ class SeedRow:
     seconds_per_step: float
     test_inference_seconds: float
     crossing: Crossing | None
+    test_neg_elbo_per_image: float = math.nan  # NaN for runs evaluated before it was recorded
 
     @property
     def epochs_to_tol(self) -> float | None:
@@ -346,6 +347,7 @@ class MethodRow:
     method: Method
     per_seed: tuple[SeedRow, ...]
     neg_elbo_per_image: float
+    test_neg_elbo_per_image: float
     train_mse: float
     test_mse: float
     seconds_per_step: float
@@ -375,9 +377,11 @@ def method_summary(runs: list[RunData], metric: str, tol: float | None, method: 
             seconds_per_step=r.summary.get("seconds_per_step") or math.nan,
             test_inference_seconds=final.get("test_inference_seconds", math.nan),
             crossing=first_crossing(r.curve(metric), metric, tol) if tol is not None else None,
+            test_neg_elbo_per_image=final.get("test_neg_elbo_per_image", math.nan),
         ))
     medians: dict = {key: float(np.median([getattr(s, key) for s in per_seed])) for key in
-               ("neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step", "test_inference_seconds")}
+                     ("neg_elbo_per_image", "test_neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step",
+                      "test_inference_seconds")}
     crossings = [s.crossing for s in per_seed if s.crossing is not None]
     times: dict = {}
     for key, unit in (("epochs_to_tol", "epochs"), ("seconds_to_tol", "seconds")):
@@ -405,6 +409,11 @@ class Comparison:
     seeds: int  # the larger of the two seed counts
     speedup: SpeedUp | None = None
     speedup_epochs: SpeedUp | None = None
+    # On the test images (A-VI: its encoder; F-VI: test-time inference); NaN where not recorded.
+    test_elbo_ratio: float = math.nan
+    test_elbo_ratio_ci: tuple[float, float] = (math.nan, math.nan)
+    test_mse_ratio: float = math.nan
+    test_mse_ratio_ci: tuple[float, float] = (math.nan, math.nan)
 
 
 @dataclass(frozen=True)
@@ -457,6 +466,11 @@ def dataset_table(results: Results, dataset: str) -> DatasetTable:
             elbo_ratio_ci=bootstrap_ratio_ci([s.neg_elbo_per_image for s in a], [s.neg_elbo_per_image for s in f]),
             mse_ratio=row.train_mse / fvi.train_mse,
             mse_ratio_ci=bootstrap_ratio_ci([s.train_mse for s in a], [s.train_mse for s in f]),
+            test_elbo_ratio=row.test_neg_elbo_per_image / fvi.test_neg_elbo_per_image,
+            test_elbo_ratio_ci=bootstrap_ratio_ci([s.test_neg_elbo_per_image for s in a],
+                                                  [s.test_neg_elbo_per_image for s in f]),
+            test_mse_ratio=row.test_mse / fvi.test_mse,
+            test_mse_ratio_ci=bootstrap_ratio_ci([s.test_mse for s in a], [s.test_mse for s in f]),
             step_time_ratio=row.seconds_per_step / fvi.seconds_per_step,
             seeds=max(len(a), len(f)),
             speedup=speedup(fc, ac, "seconds") if timed else None,

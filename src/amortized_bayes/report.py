@@ -73,18 +73,23 @@ TARGET_NOTE = ("When each method first came within 1% and 5% of F-VI's own final
 
 
 def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
-    """The summary table as header and string cells (shared by Markdown and HTML)."""
-    head = ["method", "seeds", "-ELBO/image (nats)", "train MSE", "test MSE", "ms/step",
-            "epochs to tol", "seconds to tol", "test-time inference (s)",
-            "-ELBO vs F-VI", "train MSE vs F-VI", "speed-up to tol vs F-VI (seconds)",
-            "speed-up to tol vs F-VI (epochs)"]
+    """The summary table as header and string cells (shared by Markdown and HTML). The test images'
+    -ELBO and the test ratios get columns when some run recorded its test -ELBO (runs evaluated before
+    it was recorded have none)."""
+    test = any(math.isfinite(r.test_neg_elbo_per_image) for r in table.rows.values())
+    head = ["method", "seeds", "-ELBO/image (nats)", *(["test -ELBO/image (nats)"] if test else []), "train MSE",
+            "test MSE", "ms/step", "epochs to tol", "seconds to tol", "test-time inference (s)",
+            "-ELBO vs F-VI", "train MSE vs F-VI", *(["test -ELBO vs F-VI", "test MSE vs F-VI"] if test else []),
+            "speed-up to tol vs F-VI (seconds)", "speed-up to tol vs F-VI (epochs)"]
     rows = []
     for method, r in table.rows.items():
         c = table.comparisons.get(method)
-        rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}", f"{r.train_mse:.4f}",
+        rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}",
+                     *([_fmt(r.test_neg_elbo_per_image, 6)] if test else []), f"{r.train_mse:.4f}",
                      _fmt(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
                      _reached_cell(r, "seconds_to_tol"), _fmt(r.test_inference_seconds, 3),
                      _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"),
+                     *([_ratio_cell(c, "test_elbo_ratio"), _ratio_cell(c, "test_mse_ratio")] if test else []),
                      _speedup_cell(c, "speedup"), _speedup_cell(c, "speedup_epochs")])
     return head, rows
 

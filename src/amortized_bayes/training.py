@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .config import RunConfig
@@ -204,9 +205,25 @@ def _all_finite(params) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
+def _side_generator(device, seed: int, epoch: int, stream: int) -> torch.Generator:
+    """A generator of its own for a measurement at ``epoch`` (``stream`` names which), so that the
+    measurement draws nothing from the training generator: adding or dropping it leaves every other
+    number of the run as it was."""
+    state = np.random.SeedSequence((seed, epoch, stream)).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+TEST_ELBO_STREAM = 1
+
+
 def evaluate(model, family, data: TrainingData, config: RunConfig, generator: torch.Generator,
-             test_family: VariationalFamily | None) -> tuple[dict, VariationalFamily | None]:
-    """One evaluation record (SPEC §4) and the test images' family (for warm starts)."""
+             test_family: VariationalFamily | None, epoch: int = 0) -> tuple[dict, VariationalFamily | None]:
+    """One evaluation record (SPEC §4) and the test images' family (for warm starts).
+
+    With test images: their q(z') (the encoder, or test-time inference), the test MSE, the cost of
+    finding q(z') and ``test_neg_elbo_per_image``, the mean over test images of
+    -(E_q[log p(x'|z', theta)] - KL(q(z')||p(z'))) in nats: the local ELBO of a new image, without the
+    training set's KL(q(theta)||p(theta)), from a generator of its own (seeded by seed and epoch)."""
     t = config.train
     x = data.train
     idx = torch.arange(x.shape[0], device=x.device)
@@ -225,6 +242,9 @@ def evaluate(model, family, data: TrainingData, config: RunConfig, generator: to
                 f"test-time inference diverged: q(z) of the test images is not finite after {post.steps} steps "
                 f"(train.test_inference.lr={t.test_inference.lr}; lower it)")
         record["test_mse"] = reconstruction_mse(model, post.mu, data.test)
+        test_terms = full_data_negative_elbo(model, post.mu, post.log_sigma, data.test, t.eval_samples,
+                                             _side_generator(data.test.device, t.seed, epoch, TEST_ELBO_STREAM))
+        record["test_neg_elbo_per_image"] = -(test_terms["log_lik"] - test_terms["kl_z"]) / data.test.shape[0]
         record["test_inference_steps"] = post.steps
         record["test_inference_seconds"] = post.seconds
         record["test_inference_converged"] = post.converged
@@ -329,7 +349,7 @@ def fit(config: RunConfig, data: TrainingData | None = None, *, model: BayesianD
         history.mse_trace.append({"epoch": epoch, "step": step, "wall_time": train_seconds, "train_mse": train_mse})
 
     def do_eval(epoch: int) -> None:
-        record, result.test_family = evaluate(model, family, data, config, generator, result.test_family)
+        record, result.test_family = evaluate(model, family, data, config, generator, result.test_family, epoch)
         bad = sorted(k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v))
         if bad:
             raise NonFiniteEvaluationError(f"epoch {epoch}: the evaluation gave non-finite {', '.join(bad)}")

@@ -50,7 +50,7 @@ from .lifecycle import RunPaths, RunState, check_transition, parse_state
 SUMMARY_COLUMNS = [
     "run_id", "state", "dataset", "family", "width", "depth", "objective", "estimator", "local_terms",
     "seed", "n_train", "epochs_done", "steps", "train_seconds", "seconds_per_step", "neg_elbo",
-    "neg_elbo_per_image", "train_mse", "test_mse", "kl_z_per_image", "active_units",
+    "neg_elbo_per_image", "test_neg_elbo_per_image", "train_mse", "test_mse", "kl_z_per_image", "active_units",
     "test_inference_seconds", "error",
 ]
 
@@ -354,6 +354,7 @@ class ResultStore:
                 "epochs_done": rec.status.get("epochs_done", ""), "steps": summ.get("steps", ""),
                 "train_seconds": summ.get("train_seconds", ""), "seconds_per_step": summ.get("seconds_per_step", ""),
                 "neg_elbo": final.get("neg_elbo", ""), "neg_elbo_per_image": summ.get("neg_elbo_per_image", ""),
+                "test_neg_elbo_per_image": final.get("test_neg_elbo_per_image", ""),
                 "train_mse": final.get("train_mse", ""), "test_mse": final.get("test_mse", ""),
                 "kl_z_per_image": final.get("kl_z_per_image", ""), "active_units": final.get("active_units", ""),
                 "test_inference_seconds": final.get("test_inference_seconds", ""),
