@@ -245,6 +245,9 @@ def _gap_split(images: int, amortization: float) -> dict:
 def mixed(tmp_path):
     from amortized_bayes.config import DataConfig, ModelConfig
 
+    tmp_path = tmp_path / "mixed"  # beside `folder` when a test takes both
+    tmp_path.mkdir()
+
     (tmp_path / "grid.json").write_text(json.dumps({"name": "mixed", "tolerance": {"metric": "train_mse",
                                                                                    "mnist": 0.05}}))
 
@@ -440,3 +443,30 @@ def test_runs_without_a_test_elbo_get_no_test_elbo_columns(mixed):
     head, rows = table_rows(dataset_table(load_results(mixed), "mnist"))
     assert "test -ELBO/image (nats)" not in head and "test MSE vs F-VI" not in head
     assert all(len(r) == len(head) for r in rows)
+
+
+def test_the_verdicts_say_exactly_what_was_compared(folder, mixed):
+    from amortized_bayes.analysis import describe_ratio, verdicts
+
+    table = dataset_table(load_results(folder), "mnist")
+    assert (table.dataset, table.metric, table.tolerance) == ("mnist", "train_mse", 0.05)
+    (c,) = table.comparisons.values()
+    elbo, speed = table.verdicts
+    assert elbo.claim == "A-VI with k >= 64 reaches F-VI's ELBO and MSE"
+    assert elbo.why == (f"A-VI k=64: -ELBO {describe_ratio(c.elbo_ratio, c.elbo_ratio_ci, 3)} times F-VI's, train MSE "
+                        f"{c.mse_ratio:.2f}x. 'Reaches' means -ELBO within 1% of F-VI's (CI lower bound) and train MSE "
+                        "within 10%.")
+    assert speed.claim == "A-VI is 2-3x faster than F-VI"
+    assert speed.why == (f"A-VI k=64: speed-up over F-VI in training seconds to train_mse <= 0.05: "
+                         f"{c.speedup.describe()}.")
+    # Without a wide A-VI (only k=16 compared) neither claim can be judged, and the reason is given.
+    mixed_table = dataset_table(load_results(mixed), "mnist")
+    narrow = {m: c for m, c in mixed_table.comparisons.items() if m.width == 16}
+    why = "the grid needs F-VI and A-VI with k >= 64"
+    assert verdicts(mixed_table.rows, narrow, "train_mse", 0.05) == [
+        type(elbo)("A-VI with k >= 64 reaches F-VI's ELBO and MSE", "not testable", why),
+        type(elbo)("A-VI is 2-3x faster than F-VI", "not testable", why)]
+    fashion = dataset_table(load_results(mixed), "fashion-mnist")
+    assert fashion.verdicts[1] == type(elbo)("A-VI is 2-3x faster than F-VI", "not testable",
+                                             "the grid states no tolerance for this dataset")
+    assert fashion.verdicts[0].verdict.endswith(" on one seed (no interval)")

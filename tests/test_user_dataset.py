@@ -177,3 +177,28 @@ def test_a_file_dataset_runs_through_run_gap_report_and_infer(tmp_path):
 
     with pytest.raises(UserDatasetError, match="changed since the run was planned"):
         load_training_data(RunConfig.from_dict(stored))
+
+
+@pytest.mark.parametrize("splits", [("train", "test"), ("test",)])
+def test_gap_refuses_a_file_that_changed_since_the_run(tmp_path, splits):
+    """`gap` reads the run's own images again: from a file dataset, only if the file is still the one
+    the run was trained on (its SHA-256 in the config), for each split it measures."""
+    from amortized_bayes.checkpoint import save_fit
+    from amortized_bayes.config import TrainConfig, family_config
+    from amortized_bayes.gap import GapConfig, LocalOptimConfig, measure_run_gap
+    from amortized_bayes.training import fit
+
+    path = tmp_path / "d.npz"
+    _write(path, shape=(8, 8))
+    config = RunConfig(data=DataConfig(dataset=f"file:{path}", n_train=20, n_test=6),
+                       model=ModelConfig(latent_dim=2, hidden=4), family=family_config("amortized", width=4),
+                       train=TrainConfig(epochs=1))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_fit(fit(config), run / "model.pt")
+    gap_config = GapConfig(images=2, splits=splits, elbo_samples=2, iwae_samples=2,
+                           optim=LocalOptimConfig(max_steps=2), curve_steps=(0,))
+    assert set(measure_run_gap(run, gap_config)["splits"]) == set(splits)
+    _write(path, shape=(8, 8), seed=1)
+    with pytest.raises(UserDatasetError, match="changed since the run was planned"):
+        measure_run_gap(run, gap_config)

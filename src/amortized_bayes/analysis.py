@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig
-from .experiments.lifecycle import RunState
+from .experiments.lifecycle import RunPaths, RunState
 from .experiments.store import ResultStore, read_evals, read_json, read_mse_trace, read_steps
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -112,6 +112,10 @@ class RunData:
     def n(self) -> int:
         return self.config.data.n_train or 60_000
 
+    @property
+    def files(self) -> RunPaths:
+        return RunPaths(self.path)
+
     def curve(self, metric: str) -> list[dict]:
         """Every stored record of ``metric`` in epoch order: the evaluations, and for ``train_mse`` the
         trace recorded between them (``train.mse_every``), one record per epoch."""
@@ -158,9 +162,9 @@ def load_results(root: str | Path) -> Results:
         if rec.state != RunState.DONE:
             results.unfinished.append(f"{rec.run_id} ({rec.display_state})")
             continue
-        gap = read_json(rec.path / "gap.json")
+        gap = read_json(rec.files.gap)
         run = RunData(rec.run_id, rec.path, rec.config, rec.config.train.seed, read_steps(rec.path),
-                      read_evals(rec.path), read_json(rec.path / "summary.json") or {},
+                      read_evals(rec.path), read_json(rec.files.summary) or {},
                       gap if isinstance(gap, dict) and gap.get("splits") else None,  # not one cut short
                       read_mse_trace(rec.path))
         by_method = results.groups.setdefault(rec.config.data.label, {})

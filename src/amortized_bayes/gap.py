@@ -459,27 +459,23 @@ def measure_gap(fitted, images: dict[str, torch.Tensor], config: GapConfig = Gap
 
 
 def measure_run_gap(run_dir, config: GapConfig = GapConfig()) -> dict:
-    """:func:`measure_gap` for a run folder of a results store, written to ``run_dir/gap.json``."""
-    import json
-    from pathlib import Path
-
+    """:func:`measure_gap` for a run folder of a results store, on the run's own images (the first
+    ``config.images`` of its training subset and of the test split), written to ``run_dir/gap.json``."""
     from .checkpoint import load_fit
-    from .data import load_split
-    from .data.atomic import atomic_write_text
+    from .data import load_run_split
     from .data.user_dataset import test_split_size
+    from .experiments.lifecycle import RunPaths
+    from .experiments.store import write_json
 
-    run_dir = Path(run_dir)
-    fitted = load_fit(run_dir / "model.pt")
+    paths = RunPaths(run_dir)
+    fitted = load_fit(paths.model)
     d = fitted.config.data
     images = {}
     if "train" in config.splits:
-        train = load_split(d.dataset, "train", n=d.n_train, subset=d.subset, seed=d.subset_seed,
-                           binarize=d.binarize, binarize_seed=d.binarize_seed, sha256=d.file_sha256).images
-        images["train"] = train[: config.images]
+        images["train"] = load_run_split(d, "train").images[: config.images]
     if "test" in config.splits:
-        images["test"] = load_split(d.dataset, "test", n=min(config.images, test_split_size(d)), binarize=d.binarize,
-                                    binarize_seed=d.binarize_seed + 1, sha256=d.file_sha256).images
+        images["test"] = load_run_split(d, "test", n=min(config.images, test_split_size(d))).images
     result = measure_gap(fitted, images, config)
-    result["run_id"] = run_dir.name
-    atomic_write_text(run_dir / "gap.json", json.dumps(result, indent=1) + "\n")
+    result["run_id"] = paths.run_id
+    write_json(paths.gap, result)
     return result

@@ -160,22 +160,19 @@ def tolerance_boxes(results: Results, dataset: str, out: Path, table: DatasetTab
 def reconstructions(results: Results, dataset: str, out: Path, count: int = 8) -> list[Path]:
     """Originals, then one row per method (its first seed's fitted model), train and test images."""
     from .checkpoint import load_fit
-    from .data import load_split
+    from .data import load_run_split
 
     methods = methods_of(results.groups[dataset])
     first = methods[0][1][0].config.data
     # The first images of the run's own training subset: rows 0..count-1 of its F-VI factors.
     # A file dataset may hold fewer images than a row shows: both rows then show as many as both splits have.
     count = min(count, first.n_train or count, test_split_size(first))
-    train = load_split(first.dataset, "train", n=first.n_train, subset=first.subset, seed=first.subset_seed,
-                       binarize=first.binarize, binarize_seed=first.binarize_seed,
-                       sha256=first.file_sha256).images[:count]
-    test = load_split(first.dataset, "test", n=count, binarize=first.binarize, binarize_seed=first.binarize_seed + 1,
-                      sha256=first.file_sha256).images
+    train = load_run_split(first, "train").images[:count]
+    test = load_run_split(first, "test", n=count).images
     height, width = first.image_shape
     rows: list[tuple[str, torch.Tensor, torch.Tensor]] = [("original", train, test)]
     for method, runs in methods:
-        fitted = load_fit(runs[0].path / "model.pt")
+        fitted = load_fit(runs[0].files.model)
         with torch.no_grad():
             mu_train = fitted.family.local_params(train, torch.arange(count), None)[0] \
                 if not fitted.family.amortized else fitted.infer(train).mu

@@ -150,7 +150,7 @@ def build_report(root: str | Path, *, reconstructions_count: int = 8, tolerance:
             figs.append(tolerance_boxes(results, dataset, figures, table)[0])
         # Reconstructions need the fitted models; a folder kept without them (model.pt left out to save
         # space, as under results/) still gets every table and the other figures.
-        if all((runs[0].path / "model.pt").exists() for runs in results.groups[dataset].values()):
+        if all(runs[0].files.model.exists() for runs in results.groups[dataset].values()):
             figs.append(reconstructions(results, dataset, figures, reconstructions_count)[0])
         else:
             table.note = "Reconstructions left out: this folder does not keep the fitted models (model.pt)."

@@ -102,15 +102,10 @@ class TrainingData:
 
 
 def load_training_data(config: RunConfig) -> TrainingData:
-    from .data import load_split
+    from .data import load_run_split
 
-    d = config.data
-    train = load_split(d.dataset, "train", n=d.n_train, subset=d.subset, seed=d.subset_seed,
-                       binarize=d.binarize, binarize_seed=d.binarize_seed, sha256=d.file_sha256)
-    test = None
-    if d.n_test != 0:
-        test = load_split(d.dataset, "test", n=d.n_test, binarize=d.binarize,
-                          binarize_seed=d.binarize_seed + 1, sha256=d.file_sha256).images
+    train = load_run_split(config.data, "train")
+    test = load_run_split(config.data, "test").images if config.data.n_test != 0 else None
     return TrainingData(train.images, test, train.indices)
 
 

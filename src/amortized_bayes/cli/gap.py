@@ -88,7 +88,7 @@ def cmd_gap(args) -> int:
         raise UserError(f"no finished runs in {args.out}")
     stored, todo = {}, []
     for rec in records:
-        path = rec.path / "gap.json"
+        path = rec.files.gap
         if path.exists() and not args.force:
             old = json.loads(path.read_text())
             if old.get("config") == json.loads(json.dumps(config.to_dict())):

@@ -25,7 +25,7 @@ from .store import describe, load_arrays, resolve, verify_cached
 
 # The loading API returns torch tensors: imported on first use, so that the command line (`data`,
 # `status`, `list`, argument errors) starts without paying for torch (about 2.3 s here).
-_LOADING = ("Split", "binarize_pixels", "load_split", "select_indices")
+_LOADING = ("Split", "binarize_pixels", "load_run_split", "load_split", "select_indices")
 
 
 def __getattr__(name: str):
@@ -38,7 +38,7 @@ def __getattr__(name: str):
 __all__ = [
     "BadMagicError", "ChecksumMismatchError", "CorruptGzipError", "DataError", "DataNotFoundError",
     "HeaderSizeMismatchError", "IDXFormatError", "ImageInputError", "TruncatedIDXError", "UnexpectedShapeError",
-    "UnknownDatasetError", "parse_idx", "read_idx", "Split", "binarize_pixels", "load_split",
+    "UnknownDatasetError", "parse_idx", "read_idx", "Split", "binarize_pixels", "load_run_split", "load_split",
     "select_indices", "DATASETS", "SPLITS", "DatasetSpec", "FileSpec", "get_dataset", "describe",
     "load_arrays", "resolve", "verify_cached",
 ]

@@ -105,3 +105,19 @@ def load_split(
         labels=torch.from_numpy(labels[rows].astype(np.int64)),
         indices=torch.from_numpy(rows.astype(np.int64)),
     )
+
+
+def load_run_split(data, split: str, n: int | None = None) -> Split:
+    """The images a run with data config ``data`` (a :class:`~amortized_bayes.config.DataConfig`)
+    trains or is tested on: ``"train"``, its training subset (``n_train`` rows chosen by ``subset`` and
+    ``subset_seed``); ``"test"``, the first ``n_test`` test images, binarised with ``binarize_seed`` + 1
+    so that train and test draw different pixels. ``n`` replaces ``n_test`` for the test split (the
+    training subset is always the run's). A ``file:`` dataset must still have the SHA-256 the run
+    recorded. Training, ``gap`` and the report's reconstructions all read a run's images here."""
+    if split == "train":
+        return load_split(data.dataset, "train", n=data.n_train, subset=data.subset, seed=data.subset_seed,
+                          binarize=data.binarize, binarize_seed=data.binarize_seed, sha256=data.file_sha256)
+    if split == "test":
+        return load_split(data.dataset, "test", n=data.n_test if n is None else n, binarize=data.binarize,
+                          binarize_seed=data.binarize_seed + 1, sha256=data.file_sha256)
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
