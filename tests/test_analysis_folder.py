@@ -470,3 +470,24 @@ def test_the_verdicts_say_exactly_what_was_compared(folder, mixed):
     assert fashion.verdicts[1] == type(elbo)("A-VI is 2-3x faster than F-VI", "not testable",
                                              "the grid states no tolerance for this dataset")
     assert fashion.verdicts[0].verdict.endswith(" on one seed (no interval)")
+
+
+def test_the_elbo_verdict_reads_the_intervals_lower_end_and_counts_only_the_compared_seeds(mixed):
+    import dataclasses
+
+    from amortized_bayes.analysis import verdicts
+
+    table = dataset_table(load_results(mixed), "mnist")
+    mlp_rows = {m: r for m, r in table.rows.items() if m.decoder == "mlp"}  # k=64 and F-VI: 2 seeds each
+    (wide,) = [m for m in table.comparisons if m.width == 64 and m.decoder == "mlp"]
+    # Within 1% by the interval's lower end (0.99), though not by its upper end (1.05): supported.
+    c = dataclasses.replace(table.comparisons[wide], elbo_ratio=1.0, elbo_ratio_ci=(0.99, 1.05), mse_ratio=1.0)
+    elbo = verdicts(mlp_rows, {wide: c}, "train_mse", 0.05)[0]
+    # A-VI k=16 and constant-VI have one seed each, but the verdict does not rest on them.
+    assert elbo.verdict == "supported"
+    assert verdicts(mlp_rows, {wide: dataclasses.replace(c, elbo_ratio_ci=(1.02, 1.05))}, "train_mse",
+                    0.05)[0].verdict == "not supported"
+    # An F-VI of one seed is one the verdict rests on.
+    one_fvi = {m: (dataclasses.replace(r, per_seed=r.per_seed[:1]) if m.family == "factorized" else r)
+               for m, r in mlp_rows.items()}
+    assert verdicts(one_fvi, {wide: c}, "train_mse", 0.05)[0].verdict == "supported on one seed (no interval)"
