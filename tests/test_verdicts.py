@@ -158,3 +158,72 @@ def test_two_families_at_the_target_from_their_first_evaluation_are_equally_fast
     at_start = [Crossing(0.0, 0.0, True)] * 2
     s = speedup(at_start, at_start, "epochs")
     assert s.exact and s.low == 1.0 and s.ci == (1.0, 1.0) and s.describe().startswith("1.00x")
+
+
+def _loop_ratio(num, den):
+    if math.isinf(num) and math.isinf(den):
+        return math.nan
+    if den == 0:
+        return math.inf if num > 0 else 1.0
+    return num / den
+
+
+def _loop_speedup(fvi, avi, unit, resamples):
+    """The speed-up's bootstrap one resample at a time (the plain reference of the vectorised one)."""
+    import numpy as np
+
+    from amortized_bayes.analysis import _quantile
+
+    f_t, f_r = [getattr(c, unit) for c in fvi], [c.reached for c in fvi]
+    a_t, a_r = [getattr(c, unit) for c in avi], [c.reached for c in avi]
+
+    def bounds(fi, ai):
+        f_lo, f_hi = censored_median([f_t[i] for i in fi], [f_r[i] for i in fi])
+        a_lo, a_hi = censored_median([a_t[i] for i in ai], [a_r[i] for i in ai])
+        return (0.0 if math.isinf(a_hi) else _loop_ratio(f_lo, a_hi),
+                math.inf if math.isinf(f_hi) else _loop_ratio(f_hi, a_lo))
+
+    low, high = bounds(range(len(fvi)), range(len(avi)))
+    rng = np.random.default_rng(0)
+    lows, highs = zip(*(bounds(rng.integers(0, len(fvi), len(fvi)), rng.integers(0, len(avi), len(avi)))
+                        for _ in range(resamples)))
+    return low, high, (_quantile(list(lows), 0.025), _quantile(list(highs), 0.975))
+
+
+def _loop_ratio_ci(num, den, resamples):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(resamples):
+        ma = np.median(rng.choice(np.asarray(num, float), size=len(num), replace=True))
+        mb = np.median(rng.choice(np.asarray(den, float), size=len(den), replace=True))
+        ratios.append(ma / mb if mb else math.inf)
+    with np.errstate(invalid="ignore"):
+        return tuple(float(q) for q in np.quantile(ratios, [0.025, 0.975]))
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_the_vectorised_bootstraps_equal_the_one_resample_at_a_time_loop(case):
+    """The speed-up's and the ratio's bootstrap intervals, computed on all resamples at once, are the
+    numbers the loop gave (the same draws in the same order), bit for bit, with censored seeds, ties,
+    zeros and seeds counts from 1 to 5."""
+    import numpy as np
+
+    from amortized_bayes.analysis import BOOTSTRAP_RESAMPLES, bootstrap_ratio_ci
+
+    rng = np.random.default_rng(100 + case)
+
+    def crossings(n):
+        times = rng.choice([0.0, 1.0, 2.0, rng.uniform(0.5, 9.0)], size=n) if case % 3 == 0 else rng.uniform(0.5, 9, n)
+        return [Crossing(float(t), float(2 * t), bool(r)) for t, r in zip(times, rng.random(n) < 0.7)]
+
+    fvi, avi = crossings(1 + case % 5), crossings(1 + (case * 7) % 5)
+    for unit in ("epochs", "seconds"):
+        s = speedup(fvi, avi, unit)
+        low, high, ci = _loop_speedup(fvi, avi, unit, BOOTSTRAP_RESAMPLES)
+        np.testing.assert_array_equal([s.low, s.high, *s.ci], [low, high, *ci])  # NaN equals NaN here
+    num, den = rng.uniform(0.5, 2, 1 + case % 4).tolist(), rng.uniform(0.5, 2, 1 + case % 3).tolist()
+    if case == 5:
+        den[0] = 0.0
+    np.testing.assert_array_equal(bootstrap_ratio_ci(num, den), _loop_ratio_ci(num, den, BOOTSTRAP_RESAMPLES))

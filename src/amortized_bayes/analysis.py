@@ -175,16 +175,23 @@ def load_results(root: str | Path) -> Results:
     return results
 
 
+def _resample_rows(rng: np.random.Generator, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """BOOTSTRAP_RESAMPLES resamples of each group's indices, drawn group after group within each
+    resample (the order the one-resample-at-a-time loop drew them in, so that every interval stays the
+    number it was): one (BOOTSTRAP_RESAMPLES, size) index array per group."""
+    draws = [[rng.integers(0, n, n) for n in sizes] for _ in range(BOOTSTRAP_RESAMPLES)]
+    return [np.stack([d[g] for d in draws]) for g in range(len(sizes))]
+
+
 def bootstrap_ratio_ci(num: list[float], den: list[float], level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of median(num) / median(den), seeds resampled within each group."""
     a, b = np.asarray(num, float), np.asarray(den, float)
-    rng = np.random.default_rng(seed)
-    ratios = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        ma = np.median(rng.choice(a, size=len(a), replace=True))
-        mb = np.median(rng.choice(b, size=len(b), replace=True))
-        ratios.append(ma / mb if mb else math.inf)
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
+    # rng.choice(x, n) with replacement draws rng.integers(0, len(x), n): the same resamples, indexed.
+    ia, ib = _resample_rows(np.random.default_rng(seed), (len(a), len(b)))
+    ma, mb = np.median(a[ia], axis=1), np.median(b[ib], axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 and inf - inf (NaN) are as intended
+        ratios = np.where(mb != 0, ma / mb, math.inf)
+        lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 
 
@@ -220,13 +227,14 @@ def censored_median(values: list[float], reached: list[bool]) -> tuple[float, fl
     return float(np.median(x)), float(np.median(upper))
 
 
-def _ratio(num: float, den: float) -> float:
-    if math.isinf(num) and math.isinf(den):
-        return math.nan
-    if den == 0:
-        # 0 / 0: both were there at their first evaluation (a loose target), as fast as each other.
-        return math.inf if num > 0 else 1.0
-    return num / den
+def _ratio(num, den):
+    """num / den elementwise (floats or arrays), with inf / inf = NaN, x / 0 = inf for x > 0 and
+    0 / 0 = 1: both were there at their first evaluation (a loose target), as fast as each other."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(den == 0, np.where(num > 0, math.inf, 1.0), num / den)
+    out = np.where(np.isinf(num) & np.isinf(den), math.nan, out)
+    return float(out) if out.ndim == 0 else out
 
 
 @dataclass(frozen=True)
@@ -288,23 +296,21 @@ def speedup(fvi: list[Crossing], avi: list[Crossing], unit: str = "seconds", lev
     the replication tables all call it."""
     if not fvi or not avi:
         raise ValueError("speedup needs at least one F-VI and one A-VI seed")
-    f_t, f_r = [getattr(c, unit) for c in fvi], [c.reached for c in fvi]
-    a_t, a_r = [getattr(c, unit) for c in avi], [c.reached for c in avi]
+    f_t, f_r = np.array([getattr(c, unit) for c in fvi], float), np.array([c.reached for c in fvi])
+    a_t, a_r = np.array([getattr(c, unit) for c in avi], float), np.array([c.reached for c in avi])
 
-    def bounds(fi, ai) -> tuple[float, float]:
-        f_lo, f_hi = censored_median([f_t[i] for i in fi], [f_r[i] for i in fi])
-        a_lo, a_hi = censored_median([a_t[i] for i in ai], [a_r[i] for i in ai])
-        low = 0.0 if math.isinf(a_hi) else _ratio(f_lo, a_hi)
-        high = math.inf if math.isinf(f_hi) else _ratio(f_hi, a_lo)
+    def bounds(fi: np.ndarray, ai: np.ndarray):
+        """Lower and upper bounds of the ratio for the resamples in the rows of fi and ai (index arrays,
+        (R, n_fvi) and (R, n_avi)): censored medians (censored_median's, row by row)."""
+        f_lo, f_hi = np.median(f_t[fi], axis=1), np.median(np.where(f_r[fi], f_t[fi], math.inf), axis=1)
+        a_lo, a_hi = np.median(a_t[ai], axis=1), np.median(np.where(a_r[ai], a_t[ai], math.inf), axis=1)
+        low = np.where(np.isinf(a_hi), 0.0, _ratio(f_lo, a_hi))
+        high = np.where(np.isinf(f_hi), math.inf, _ratio(f_hi, a_lo))
         return low, high
 
-    low, high = bounds(range(len(fvi)), range(len(avi)))
-    rng = np.random.default_rng(seed)
-    lows, highs = [], []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        b_lo, b_hi = bounds(rng.integers(0, len(fvi), len(fvi)), rng.integers(0, len(avi), len(avi)))
-        lows.append(b_lo)
-        highs.append(b_hi)
+    (low,), (high,) = bounds(np.arange(len(fvi))[None], np.arange(len(avi))[None])
+    low, high = float(low), float(high)
+    lows, highs = bounds(*_resample_rows(np.random.default_rng(seed), (len(fvi), len(avi))))
     tail = (1 - level) / 2
     return SpeedUp(low, high, (_quantile(lows, tail), _quantile(highs, 1 - tail)), unit, (len(fvi), len(avi)))
 
