@@ -116,7 +116,7 @@ def test_eval_records_every_metric(mnist):
     assert [e["epoch"] for e in evals] == [0, 1, 2]
     for e in evals:
         for key in ("neg_elbo", "train_mse", "test_mse", "kl_z_per_image", "active_units",
-                    "test_inference_steps", "test_inference_seconds", "wall_time", "step"):
+                    "test_inference_steps", "test_inference_seconds", "test_neg_elbo_per_image", "wall_time", "step"):
             assert key in e and math.isfinite(e[key])
     assert len(result.history.step) == 2 * 4 and result.history.wall_time == sorted(result.history.wall_time)
     assert evals[-1]["neg_elbo"] < evals[0]["neg_elbo"]
