@@ -461,7 +461,7 @@ class DatasetTable:
     rows: dict[Method, MethodRow]
     comparisons: dict[Method, Comparison]
     verdicts: list[Verdict]
-    targets: list = field(default_factory=list)  # TargetRow: reaching F-VI's own final values
+    targets: list[TargetRow] = field(default_factory=list)  # reaching F-VI's own final values
     gaps: dict = field(default_factory=dict)
     note: str | None = None
 
