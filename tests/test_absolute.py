@@ -216,7 +216,7 @@ def test_atomic_write_is_never_seen_half_written_even_under_sigkill(tmp_path):
     moments: the file is still complete, and the next writer's first write cleans nothing up wrongly."""
     path, size = tmp_path / "target.bin", 4 << 20
     rng = np.random.default_rng(0)
-    for attempt in range(3):
+    for _attempt in range(3):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size)], stdout=subprocess.PIPE)
         assert proc.stdout.readline() == b"started\n"
         deadline = time.time() + 1.0 + rng.uniform(0, 0.5)

@@ -12,7 +12,6 @@ from amortized_bayes.config import family_config, ModelConfig, RunConfig, TrainC
 from amortized_bayes.experiments.grid import run_id
 from amortized_bayes.experiments.presets import PRESETS
 from amortized_bayes.families import build_family
-from amortized_bayes.model import BayesianDecoder
 from amortized_bayes.training import build, fit
 
 

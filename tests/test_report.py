@@ -96,7 +96,7 @@ def test_table_numbers_equal_a_direct_computation(built, family, label):
     assert row.train_mse == pytest.approx(mse, rel=1e-12)
     assert row.seconds_to_tol == pytest.approx(secs, rel=1e-12) or (math.isinf(secs) and math.isinf(row.seconds_to_tol))
     md = (built / "report" / "report.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
+    line = next(row for row in md.splitlines() if row.startswith(f"| {label} |"))
     assert f"{elbo:.2f}" in line and f"{mse:.4f}" in line
     if label.startswith("A-VI"):
         fvi_elbo, fvi_mse, _ = _direct_medians(built, "factorized")

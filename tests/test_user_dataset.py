@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from amortized_bayes.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from amortized_bayes.data import load_split
