@@ -6,7 +6,6 @@ Everything here reads the result store and computes; nothing trains.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,39 +549,37 @@ def fvi_targets(results: Results, dataset: str, metrics: tuple[str, ...] = FVI_T
     final value for (its evaluations lost) is left out."""
     methods = methods_of(results.groups.get(dataset, {}))
     fvi_runs = {m.model: runs for m, runs in methods if m.family == FVI}
+
+    def crossings(runs: list[RunData], metric: str, target: float) -> list[Crossing]:
+        # The curves hold -ELBO totals over the N training images; the target is per image.
+        found = (first_crossing(r.curve(metric), metric, target * r.n if metric == "neg_elbo" else target)
+                 for r in runs)
+        return [c for c in found if c is not None]
+
     out = []
     for metric in metrics:
         for margin in margins:
-            own: dict[tuple[str, str], list[Crossing]] = {}
-            for method, runs in methods:
-                fvi = fvi_runs.get(method.model)
-                if fvi is None:
-                    continue
+            # Per model (objective, decoder): the target, and F-VI's own crossings of it.
+            targets, own = {}, {}
+            for model, fvi in fvi_runs.items():
                 final = float(np.median([_final(r, metric) for r in fvi]))
-                if not math.isfinite(final):
+                if math.isfinite(final):
+                    targets[model] = final + margin * abs(final)
+                    own[model] = crossings(fvi, metric, targets[model])
+            for method, runs in methods:
+                if method.model not in targets:
                     continue
-                target = final + margin * abs(final)
-                # The curves hold -ELBO totals over the N training images; the target is per image.
-                crossings = [c for c in (first_crossing(r.curve(metric), metric,
-                                                        target * r.n if metric == "neg_elbo" else target)
-                                         for r in runs) if c is not None]
-                if not crossings:
+                found = own[method.model] if method.family == FVI else crossings(runs, metric, targets[method.model])
+                if not found:
                     continue
-                if method.family == FVI:
-                    own[method.model] = crossings
                 times = {}
                 for unit in ("epochs", "seconds"):
-                    lower, upper = censored_median([getattr(c, unit) for c in crossings],
-                                                   [c.reached for c in crossings])
+                    lower, upper = censored_median([getattr(c, unit) for c in found], [c.reached for c in found])
                     times[unit], times[f"{unit}_lower"] = upper, lower
-                out.append(TargetRow(method, metric, margin, target, tuple(crossings), **times,
-                                     speedup=None, speedup_epochs=None))
-            # F-VI's own crossings are known once its row is built: fill in every other row's speed-ups.
-            for i, row in enumerate(out):
-                f = own.get(row.method.model)
-                if row.metric == metric and row.margin == margin and row.method.family != FVI and f:
-                    out[i] = dataclasses.replace(row, speedup=speedup(f, list(row.crossings), "seconds"),
-                                                 speedup_epochs=speedup(f, list(row.crossings), "epochs"))
+                f = own[method.model] if method.family != FVI else []
+                out.append(TargetRow(method, metric, margin, targets[method.model], tuple(found), **times,
+                                     speedup=speedup(f, found, "seconds") if f else None,
+                                     speedup_epochs=speedup(f, found, "epochs") if f else None))
     return out
 
 
