@@ -371,6 +371,9 @@ def main() -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip F-VI's 10k/30k/60k epoch times")
     parser.add_argument("--no-inference", action="store_true", help="skip the test-time inference costs")
     parser.add_argument("--no-conv", action="store_true", help="skip the convolutional model's rows")
+    parser.add_argument("--agreement-draws", type=int, default=200,
+                        help="single-draw -ELBO estimates per implementation in the equal-parameter check "
+                        "(default 200)")
     parser.add_argument("--inference-epochs", type=int, default=200,
                         help="full-batch epochs on 1,000 images before timing test-time inference (default 200)")
     parser.add_argument("--compile", action="store_true",
@@ -398,10 +401,10 @@ def main() -> None:
           "interleaved; median ms per step\n")
     report = {"meta": meta, "args": vars(args), "cases": {}}
     if with_pyro:
-        agreement = elbo_agreement(x[:200], with_conv=not args.no_conv)
+        agreement = elbo_agreement(x[:200], draws=args.agreement_draws, with_conv=not args.no_conv)
         report["elbo_agreement"] = agreement
-        print("ELBO at equal parameters (200 images, 64 for the conv rows; mean of 200 single-draw estimates "
-              "of -ELBO):")
+        print(f"ELBO at equal parameters (200 images, 64 for the conv rows; mean of {args.agreement_draws} "
+              "single-draw estimates of -ELBO):")
         for label, a in agreement.items():
             print(f"  {label}: tool {a['tool']:.1f}, Pyro {a['pyro']:.1f}, difference {a['z']:+.2f} standard errors")
         print()

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,7 +116,10 @@ def test_speed_runs_end_to_end_and_pyro_computes_the_same_elbo(tmp_path):
         with_pyro = True
     except ImportError:
         with_pyro = False
-    args = ["--n", "300", "--batch", "100", "--steps", "2", "--warmup", "1", "--no-scaling", "--no-inference"]
+    # 80 draws instead of the benchmark's 200: the check is most of this test's time (Pyro's draws).
+    draws = 80
+    args = ["--n", "300", "--batch", "100", "--steps", "2", "--warmup", "1", "--no-scaling", "--no-inference",
+            "--agreement-draws", str(draws)]
     report = _run("speed.py", *args, *([] if with_pyro else ["--no-pyro"]), tmp_path=tmp_path)
     assert len(report["cases"]) == 2
     assert report["meta"]["cpu"]["model"] and isinstance(report["meta"]["cpu"]["isa_flags"], list)
@@ -135,8 +139,9 @@ def test_speed_runs_end_to_end_and_pyro_computes_the_same_elbo(tmp_path):
         # Means of 200 single-draw estimates each: equal ELBOs differ by Monte Carlo error only.
         assert abs(a["z"]) < 4.5, (label, a)
         # The conv decoder's single-draw estimates spread more at its start (F-VI's standard error was
-        # 0.9% of the mean at 200 draws, measured), so its rows get 2%: z above still bounds the error.
-        margin = 0.02 if label in dict(CONV_FAMILIES) else 0.01
+        # 0.9% of the mean at 200 draws, measured), so its rows get 2% at 200 draws: z above still bounds
+        # the error. The margins grow as the standard error does, with 1 / sqrt(draws).
+        margin = (0.02 if label in dict(CONV_FAMILIES) else 0.01) * math.sqrt(200 / draws)
         assert abs(a["tool"] - a["pyro"]) < margin * abs(a["pyro"]), (label, a)
 
 

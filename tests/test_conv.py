@@ -276,7 +276,8 @@ def test_conv_runs_go_through_run_gap_report_and_infer(tmp_path):
         assert math.isfinite(last["neg_elbo"]) and math.isfinite(last["test_mse"]), run.name
     assert sum("convdec" in r.name for r in runs) == 4
     # The gap on a few test images (the train split's code path is test_gap.py's), to keep this test short.
-    _cli("gap", out, "--split", "test", "--images", "2", "--iwae-k", "10", "--elbo-samples", "4", "--workers", "2")
+    _cli("gap", out, "--split", "test", "--images", "2", "--iwae-k", "10", "--elbo-samples", "4", "--workers", "2",
+         "--max-local-steps", "40")
     for run in runs:
         test = json.loads((run / "gap.json").read_text())["splits"]["test"]
         assert math.isfinite(test["amortization_gap"]["mean"]), run.name
@@ -301,7 +302,7 @@ def test_conv_runs_go_through_run_gap_report_and_infer(tmp_path):
         target = tmp_path / f"{run.name}.npz"
         with_gap = "-avi-" in run.name or "-fvi-" in run.name  # the per-image gap for an encoder and for F-VI
         _cli("infer", run, tmp_path / "new.npy", "--out", target, "--elbo-samples", "8", "--grid", "0",
-             *(["--gap", "--iwae-k", "10"] if with_gap else []))
+             *(["--gap", "--iwae-k", "10", "--max-local-steps", "40"] if with_gap else []))
         result = np.load(target)
         assert result["reconstructions"].shape == (5, 28, 28) and np.isfinite(result["elbo"]).all(), run.name
         assert not with_gap or np.isfinite(result["amortization_gap"]).all(), run.name

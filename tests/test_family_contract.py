@@ -134,7 +134,7 @@ def test_the_example_family_runs_end_to_end_in_worker_processes_then_gap_and_rep
     out = tmp_path / "out"
     _cli("run", ROOT / "examples" / "hybrid.toml", "--out", out, "--workers", "2", "--threads", "1",
          "--set", "train.epochs=4", "--set", "data.n_train=60", "--set", "data.n_test=20",
-         "--set", "train.eval_every=2", cwd=tmp_path)
+         "--set", "train.eval_every=2", "--set", "train.test_inference.max_steps=100", cwd=tmp_path)
     runs = {p.name: p for p in (out / "runs").iterdir()}
     assert len(runs) == 3
     (hybrid,) = [p for name, p in runs.items() if name.startswith("mnist-afvi-k64-s0-")]
@@ -149,7 +149,7 @@ def test_the_example_family_runs_end_to_end_in_worker_processes_then_gap_and_rep
     # The test split: the plugin family's for_new_data, fitted in the gap's own process (half the cost
     # of both splits; the train split is the one of test_gap.py's command test).
     _cli("gap", out, "--split", "test", "--images", "2", "--iwae-k", "10", "--elbo-samples", "4",
-         "--workers", "1", cwd=tmp_path)
+         "--workers", "1", "--max-local-steps", "40", cwd=tmp_path)
     gap = json.loads((hybrid / "gap.json").read_text())
     assert gap["family"] == "encoder-plus-offsets" and set(gap["splits"]) == {"test"}
     assert math.isfinite(gap["splits"]["test"]["amortization_gap"]["mean"])

@@ -134,6 +134,24 @@ def test_gap_command_on_stored_runs(tmp_path):
             value = result["splits"][split]["amortization_gap"]["mean"]  # one run per method: median = it
             assert f"| {split} | 1 | 10 | {value:.2f} |" in md
 
+    # A step limit is part of the settings (so both runs are measured again), honoured, and flagged.
+    stdout = cli("gap", out, "--split", "test", "--images", "2", "--iwae-k", "10", "--elbo-samples", "4",
+                 "--max-local-steps", "3")
+    assert "2 to measure" in stdout and stdout.count("the amortization gap is understated") == 2
+    for path in files:
+        s = json.loads(path.read_text())["splits"]["test"]
+        for cost in (s["q_star_cost_from_family"], s["q_star_cost_from_prior"]):
+            assert cost == {**cost, "steps": 3, "converged": False}
+
+
+def test_the_local_step_limit_flags_default_to_the_optimiser_s_own():
+    from amortized_bayes.cli import build_parser
+    from amortized_bayes.gap import LocalOptimConfig
+
+    parser = build_parser()
+    for argv in (["gap", "out"], ["infer", "run", "x.npy", "--out", "o"]):
+        assert parser.parse_args(argv).max_local_steps == LocalOptimConfig().max_steps
+
 
 def test_ais_agrees_with_the_exact_evidence_from_the_prior_and_from_q_star(setup):
     model, x, decoder, theta, mu_star, ls_star = setup

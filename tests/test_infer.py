@@ -292,22 +292,20 @@ def test_infer_command_on_all_three_input_kinds(run_dirs, tmp_path, capsys, fami
             np.testing.assert_array_equal(outputs[kind][key], npy[key], err_msg=f"{kind} {key}")
 
 
-def test_infer_command_with_gap_and_a_bernoulli_run(run_dirs, tmp_path, capsys, monkeypatch):
-    from functools import partial
-
-    import amortized_bayes.gap as gap_module
-
-    monkeypatch.setattr(gap_module, "GapConfig", partial(gap_module.GapConfig, optim=FAST_OPTIM))
+def test_infer_command_with_gap_and_a_bernoulli_run(run_dirs, tmp_path, capsys):
     inputs = _inputs(tmp_path)
     run = str(run_dirs[("amortized", "bernoulli")])
     # Grey images for a Bernoulli run are refused in one line, and accepted with --binarize.
     assert main(["infer", run, str(inputs["npy"]), "--out", str(tmp_path / "b")]) == 2
     assert "neither 0 nor 1" in capsys.readouterr().err
     assert main(["infer", run, str(inputs["npy"]), "--out", str(tmp_path / "b"), "--binarize", "0.5", "--gap",
-                 "--iwae-k", "20", "--elbo-samples", "8", "--grid", "0"]) == 0
-    printed = capsys.readouterr().out
-    assert "amortization gap" in printed and "approximation gap" in printed
+                 "--iwae-k", "20", "--elbo-samples", "8", "--grid", "0", "--max-local-steps", "4"]) == 0
+    printed = capsys.readouterr()
+    assert "amortization gap" in printed.out and "approximation gap" in printed.out
+    # Four local steps cannot converge: the file and a note say that the gap is understated.
+    assert "q* stopped at --max-local-steps 4 before converging" in printed.err
     with np.load(tmp_path / "b.npz") as npz:
+        assert not bool(npz["q_star_converged"])
         assert set(npz["images"].ravel()) <= {0.0, 1.0}
         assert npz["amortization_gap"].shape == (3,) and str(npz["gap_theta"]) == "posterior mean"
         assert ((npz["reconstructions"] >= 0) & (npz["reconstructions"] <= 1)).all()  # probabilities
