@@ -72,6 +72,19 @@ TARGET_NOTE = ("When each method first came within 1% and 5% of F-VI's own final
                "traced epoch, the -ELBO at the full evaluations only.")
 
 
+def _why(verdict) -> str:
+    """The verdict's reason after it: ': reason.' when the claim could not be tested (the reason is what
+    is missing), '. Reason' after a verdict."""
+    if verdict.verdict == "not testable":
+        return f": {verdict.why.rstrip('.')}."
+    return f". {verdict.why}"
+
+
+def _nats(value: float) -> str:
+    """A per-image -ELBO as the train column prints it (2 decimals); '-' when not recorded."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
     """The summary table as header and string cells (shared by Markdown and HTML). The test images'
     -ELBO and the test ratios get columns when some run recorded its test -ELBO (runs evaluated before
@@ -85,7 +98,7 @@ def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
     for method, r in table.rows.items():
         c = table.comparisons.get(method)
         rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}",
-                     *([_fmt(r.test_neg_elbo_per_image, 6)] if test else []), f"{r.train_mse:.4f}",
+                     *([_nats(r.test_neg_elbo_per_image)] if test else []), f"{r.train_mse:.4f}",
                      _fmt(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
                      _reached_cell(r, "seconds_to_tol"), _fmt(r.test_inference_seconds, 3),
                      _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"),
@@ -198,7 +211,7 @@ def _markdown(results, sections, out: Path) -> str:
         lines += _md_table(*table_rows(table))
         lines += ["", "### Verdicts", ""]
         for v in table.verdicts:
-            lines.append(f"- **{v.claim}**: {v.verdict}. {v.why}")
+            lines.append(f"- **{v.claim}**: {v.verdict}{_why(v)}")
         lines.append("")
         if table.targets:
             lines += ["### Reaching F-VI's own final values", "", TARGET_NOTE, ""]
@@ -228,7 +241,7 @@ def _html(results, sections) -> str:
         body.append(f"<h2>{esc(dataset)}</h2><p>Tolerance: {esc(table.metric)} &le; "
                     f"{esc(table.tolerance)}</p>")
         body.append(html_table(*table_rows(table)) + "<h3>Verdicts</h3><ul>")
-        body += [f"<li><b>{esc(v.claim)}</b>: <i>{esc(v.verdict)}</i>. {esc(v.why)}</li>"
+        body += [f"<li><b>{esc(v.claim)}</b>: <i>{esc(v.verdict)}</i>{esc(_why(v))}</li>"
                  for v in table.verdicts]
         body.append("</ul>")
         if table.targets:
