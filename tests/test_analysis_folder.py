@@ -432,6 +432,9 @@ def test_the_report_prints_the_reaching_fvi_table(folder):
     head = next(line for line in lines if line.startswith("| method | seeds |")).split(" | ")
     avi = next(line for line in lines if line.startswith("| A-VI k=64 | 3 |")).split(" | ")
     assert head[3] == "test -ELBO/image (nats)" and avi[3] == f"{102 + 3:.2f}"  # as the train column
+    rows = dataset_table(load_results(folder), "mnist").rows
+    avi_row = next(r for m, r in rows.items() if str(m) == "A-VI k=64")
+    assert avi[head.index("test MSE")] == f"{avi_row.test_mse:.4f}"  # as the train MSE
     assert avi[head.index("test -ELBO vs F-VI")].startswith(f"{105 / 103:.3f} (95% CI")
     elbo = next(line for line in lines if line.startswith("| -ELBO/image <= 101 (F-VI's final + 1%) | A-VI k=64 |"))
     assert elbo.split(" | ")[2:4] == [">= 4 (1/3)", ">= 8 (1/3)"] and "at most 0.75x" in elbo

@@ -82,7 +82,12 @@ def _why(verdict) -> str:
 
 def _nats(value: float) -> str:
     """A per-image -ELBO as the train column prints it (2 decimals); '-' when not recorded."""
-    return "-" if math.isnan(value) else f"{value:.2f}"
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _mse(value: float) -> str:
+    """A test MSE as the train column prints it (4 decimals); '-' when not measured."""
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
@@ -99,7 +104,7 @@ def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
         c = table.comparisons.get(method)
         rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}",
                      *([_nats(r.test_neg_elbo_per_image)] if test else []), f"{r.train_mse:.4f}",
-                     _fmt(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
+                     _mse(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
                      _reached_cell(r, "seconds_to_tol"), _fmt(r.test_inference_seconds, 3),
                      _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"),
                      *([_ratio_cell(c, "test_elbo_ratio"), _ratio_cell(c, "test_mse_ratio")] if test else []),
