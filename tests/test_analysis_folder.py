@@ -313,6 +313,10 @@ def test_the_table_compares_each_avi_with_the_fvi_of_its_own_decoder_and_nothing
     assert [s.seed for s in rows["A-VI k=64"].per_seed] == [0, 1] and rows["F-VI"].test_inference_seconds == 3.5
     assert [s.test_inference_seconds for s in rows["F-VI"].per_seed] == [3.0, 4.0]
     assert math.isnan(rows["A-VI k=64"].test_inference_seconds)
+    # Per image: over the 1,000 test images of DataConfig's default (medians of 3.0 and 4.0 ms).
+    assert [s.test_inference_ms_per_image for s in rows["F-VI"].per_seed] == [3.0, 4.0]
+    assert rows["F-VI"].test_inference_ms_per_image == 3.5
+
     wide = table.comparisons[next(m for m in table.comparisons if str(m) == "A-VI k=64")]
     f_mse = statistics.median([0.07, 0.06])
     assert wide.mse_ratio == pytest.approx(0.04 / f_mse)
@@ -327,6 +331,24 @@ def test_the_table_compares_each_avi_with_the_fvi_of_its_own_decoder_and_nothing
     assert conv_fvi.per_seed[0].crossing is None and conv_fvi.epochs_to_tol_reached == 0
     conv = table.comparisons[next(m for m in table.comparisons if m.decoder == "conv")]
     assert conv.speedup is None and conv.speedup_epochs is None and math.isnan(conv.mse_ratio)
+
+
+def test_the_number_of_test_images_of_a_run():
+    from types import SimpleNamespace
+
+    from amortized_bayes.analysis import RunData
+    from amortized_bayes.config import DataConfig
+
+    def n_test(data):
+        return RunData("id", None, SimpleNamespace(data=data), 0, {}, [], {}).n_test
+
+    assert n_test(DataConfig(n_test=250)) == 250
+    assert n_test(DataConfig(n_test=None)) == 10_000  # the whole MNIST test split
+    assert math.isnan(n_test(DataConfig(n_test=0)))
+    # A file dataset without n_test whose file is not on this machine: unknown, not an error.
+    missing = SimpleNamespace(n_test=None, is_file=True, dataset="file:/nonexistent/x.npz")
+    assert math.isnan(n_test(missing))
+
 
 
 def test_a_dataset_without_a_tolerance_has_no_crossings_and_no_speed_ups(mixed):

@@ -112,6 +112,23 @@ class RunData:
         return self.config.data.n_train or 60_000
 
     @property
+    def n_test(self) -> float:
+        """Test images the run's evaluations use: ``data.n_test`` (NaN for 0), or the whole test split
+        (10,000 for MNIST and Fashion-MNIST; a file dataset's own count when the file can be read here,
+        else NaN)."""
+        data = self.config.data
+        if data.n_test is not None:
+            return data.n_test or math.nan  # 0: no test images, no cost per image
+        if not data.is_file:
+            return 10_000
+        from .data.user_dataset import UserDatasetError, test_split_size
+
+        try:
+            return test_split_size(data)
+        except (OSError, UserDatasetError):  # the file is on the machine that trained, not here
+            return math.nan
+
+    @property
     def files(self) -> RunPaths:
         return RunPaths(self.path)
 
@@ -350,6 +367,7 @@ class SeedRow:
     test_inference_seconds: float
     crossing: Crossing | None
     test_neg_elbo_per_image: float = math.nan  # NaN for runs evaluated before it was recorded
+    test_inference_ms_per_image: float = math.nan  # test_inference_seconds over the test images, in ms
 
     @property
     def epochs_to_tol(self) -> float | None:
@@ -375,6 +393,7 @@ class MethodRow:
     test_mse: float
     seconds_per_step: float
     test_inference_seconds: float
+    test_inference_ms_per_image: float
     epochs_to_tol: float
     epochs_to_tol_lower: float
     epochs_to_tol_reached: int
@@ -401,10 +420,11 @@ def method_summary(runs: list[RunData], metric: str, tol: float | None, method: 
             test_inference_seconds=final.get("test_inference_seconds", math.nan),
             crossing=first_crossing(r.curve(metric), metric, tol) if tol is not None else None,
             test_neg_elbo_per_image=final.get("test_neg_elbo_per_image", math.nan),
+            test_inference_ms_per_image=1e3 * final.get("test_inference_seconds", math.nan) / r.n_test,
         ))
     medians: dict = {key: float(np.median([getattr(s, key) for s in per_seed])) for key in
                      ("neg_elbo_per_image", "test_neg_elbo_per_image", "train_mse", "test_mse", "seconds_per_step",
-                      "test_inference_seconds")}
+                      "test_inference_seconds", "test_inference_ms_per_image")}
     crossings = [s.crossing for s in per_seed if s.crossing is not None]
     times: dict = {}
     for key, unit in (("epochs_to_tol", "epochs"), ("seconds_to_tol", "seconds")):
