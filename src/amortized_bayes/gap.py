@@ -362,6 +362,12 @@ class ImageGaps:
     per_theta: list[dict]
     log_sigma_clamped_images: int
 
+    @property
+    def q_star_converged(self) -> bool:
+        """Whether every optimisation of q* (from the family's q and from the prior, at every theta)
+        converged before its step limit; if not, the amortization gap is understated."""
+        return all(r[start].converged for r in self.per_theta for start in ("q_fam", "q_pri"))
+
 
 def gaps_per_image(model: BayesianDecoder, x: torch.Tensor, mu_f: torch.Tensor, ls_f: torch.Tensor,
                    thetas: list[ThetaDraw], config: GapConfig, generator: torch.Generator | None) -> ImageGaps:
