@@ -87,14 +87,9 @@ def _why(verdict) -> str:
     return f". {verdict.why}"
 
 
-def _nats(value: float) -> str:
-    """A per-image -ELBO as the train column prints it (2 decimals); '-' when not recorded."""
-    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def _mse(value: float) -> str:
-    """A test MSE as the train column prints it (4 decimals); '-' when not measured."""
-    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+def _fixed(value: float | None, decimals: int) -> str:
+    """A number as its train column prints it (-ELBO 2 decimals, MSE 4); '-' when not recorded."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{decimals}f}"
 
 
 def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
@@ -110,8 +105,8 @@ def table_rows(table: DatasetTable) -> tuple[list[str], list[list[str]]]:
     for method, r in table.rows.items():
         c = table.comparisons.get(method)
         rows.append([str(method), str(r.seeds), f"{r.neg_elbo_per_image:.2f}",
-                     *([_nats(r.test_neg_elbo_per_image)] if test else []), f"{r.train_mse:.4f}",
-                     _mse(r.test_mse), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
+                     *([_fixed(r.test_neg_elbo_per_image, 2)] if test else []), f"{r.train_mse:.4f}",
+                     _fixed(r.test_mse, 4), f"{1e3 * r.seconds_per_step:.1f}", _reached_cell(r, "epochs_to_tol"),
                      _reached_cell(r, "seconds_to_tol"), _fmt(r.test_inference_ms_per_image, 3),
                      _ratio_cell(c, "elbo_ratio"), _ratio_cell(c, "mse_ratio"),
                      *([_ratio_cell(c, "test_elbo_ratio"), _ratio_cell(c, "test_mse_ratio")] if test else []),
