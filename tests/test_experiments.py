@@ -132,10 +132,12 @@ def test_when_and_why_is_the_issue_17_grid_and_one_dataset_seed_keeps_its_ids():
     assert {r.data.dataset for r in runs if r.family.name == "semi-amortized"} == {"fashion-mnist"}
     assert {(r.objective.kind, r.objective.local_terms, r.train.batches, r.train.batch_size, r.train.epochs,
              r.data.n_train, r.data.n_test) for r in runs} == {("elbo", "batch", "shuffled", 1000, 5000, 10_000, 10_000)}
-    # The first batch to run (Fashion-MNIST, seed 0) selected with --set keeps the full grid's run ids.
-    first = grid.with_overrides({"data.dataset": "fashion-mnist", "train.seed": 0})
-    ids = {run_id(r) for r in first.expand()}
-    assert len(ids) == 6 and ids <= {run_id(r) for r in runs}
+    # Each batch to run (a dataset's seed) selected with --only keeps the full grid's run ids.
+    from amortized_bayes.experiments.grid import select_runs
+
+    for dataset, n in (("fashion-mnist", 6), ("mnist", 5)):
+        ids = {run_id(r) for r in select_runs(runs, {"data.dataset": dataset, "train.seed": 0})}
+        assert len(ids) == n and ids <= {run_id(r) for r in runs}
     small = PRESETS["when-and-why-small"].expand()
     assert small and max(r.train.epochs for r in small) < 5000
 
@@ -278,6 +280,23 @@ def test_tensorboard_logging(tiny_grid, tmp_path):
 def test_dry_run_lists_without_running(tiny_grid, tmp_path):
     proc = cli("run", tiny_grid(), "--out", tmp_path / "out", "--dry-run")
     assert proc.stdout.count(" new ") == 3 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.processes
+def test_only_runs_a_selection_whose_runs_the_whole_grid_then_finds_done(tiny_grid, tmp_path):
+    """`--only family.name=factorized` trains F-VI alone (the tiny grid's two widths are one F-VI run);
+    the whole grid run afterwards counts it as done under the same id and trains the two A-VI runs."""
+    grid, out = tiny_grid(), tmp_path / "out"
+    proc = cli("run", grid, "--out", out, "--only", "family.name=factorized", "--workers", "1", "--threads", "1")
+    assert "3 runs" not in proc.stdout and "1 runs (those with family.name=factorized), 0 already done" in proc.stdout
+    assert [p.name.rsplit("-", 1)[0] for p in (out / "runs").iterdir()] == ["mnist-fvi-s0"]
+    listing = cli("run", grid, "--out", out, "--dry-run").stdout
+    assert listing.count(" new ") == 2 and listing.count(" done ") == 1
+    assert [line.split()[1] for line in listing.splitlines() if " done " in line] == [
+        p.name for p in (out / "runs").iterdir()]
+    bad = cli("run", grid, "--out", out, "--only", "family.name=fvi", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: --only family.name='fvi': no run has it; the runs have 'amortized', 'factorized'")
 
 
 @pytest.mark.processes

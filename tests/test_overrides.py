@@ -63,3 +63,69 @@ def test_the_stored_grid_json_reads_back_as_the_same_grid(name, tmp_path):
     assert (again.name, again.description, again.base, again.axes, again.variants, again.tolerance) == (
         grid.name, grid.description, grid.base, grid.axes, grid.variants, grid.tolerance)
     assert [run_id(c) for c in again.expand()] == [run_id(c) for c in grid.expand()]
+
+
+# `--only KEY=VALUE`: a selection of a grid's runs, which keeps their run ids.
+
+def _when_and_why_runs():
+    from amortized_bayes.experiments.grid import run_id
+    from amortized_bayes.experiments.presets import get_preset
+
+    configs = get_preset("when-and-why").expand()
+    return configs, {run_id(c): c for c in configs}
+
+
+def test_selecting_a_dataset_and_a_seed_keeps_exactly_those_runs_with_their_ids():
+    """The preset has 12 runs per seed: 5 families x 2 datasets plus SA-VI on Fashion-MNIST only.
+    MNIST's seed 0 is its 5 runs with the ids they have in the whole grid (an override
+    ``--set data.dataset=mnist`` would instead turn Fashion-MNIST's SA-VI into an MNIST run)."""
+    from amortized_bayes.experiments.grid import run_id, select_runs
+
+    configs, by_id = _when_and_why_runs()
+    assert len(configs) == 22
+    mnist0 = select_runs(configs, {"data.dataset": "mnist", "train.seed": 0})
+    assert [run_id(c).rsplit("-", 1)[0] for c in mnist0] == [
+        "mnist-avi-k1-s0", "mnist-avi-k64-s0", "mnist-avi-k256-s0", "mnist-fvi-s0", "mnist-const-s0"]
+    assert all(by_id[run_id(c)] is c for c in mnist0)  # the same configs, not copies with other ids
+    from amortized_bayes.experiments.presets import get_preset
+
+    overridden = {run_id(c) for c in get_preset("when-and-why").with_overrides(
+        {"data.dataset": "mnist", "train.seed": 0}).expand()}
+    assert len(overridden) == 6 and {run_id(c) for c in mnist0} < overridden
+
+
+def test_a_list_matches_any_of_its_values_and_criteria_combine_as_and():
+    from amortized_bayes.experiments.grid import select_runs
+
+    configs, _ = _when_and_why_runs()
+    wide = select_runs(configs, {"family.width": [64, 256.0], "train.seed": 1})
+    # A-VI k = 64 and 256 on both datasets, SA-VI k = 64 on Fashion-MNIST; F-VI has no width.
+    assert sorted((c.data.dataset, c.family.name, c.family.width) for c in wide) == [
+        ("fashion-mnist", "amortized", 64), ("fashion-mnist", "amortized", 256),
+        ("fashion-mnist", "semi-amortized", 64), ("mnist", "amortized", 64), ("mnist", "amortized", 256)]
+    assert {c.train.seed for c in wide} == {1}
+    assert select_runs(configs, {}) == configs
+
+
+def test_a_boolean_does_not_select_a_number():
+    from amortized_bayes.experiments.grid import select_runs
+
+    configs, _ = _when_and_why_runs()
+    with pytest.raises(ConfigError, match=r"^--only train\.seed=False: no run has it; the runs have 0, 1$"):
+        select_runs(configs, {"train.seed": False})
+
+
+def test_a_selection_no_run_meets_or_of_an_unknown_field_is_one_clear_error():
+    from amortized_bayes.experiments.grid import select_runs
+
+    configs, _ = _when_and_why_runs()
+    with pytest.raises(ConfigError, match=r"^--only data\.dataset='mnst': no run has it; the runs have "
+                       r"'fashion-mnist', 'mnist'$"):
+        select_runs(configs, {"data.dataset": "mnst"})
+    with pytest.raises(ConfigError, match=r"^data\.datset: unknown field$"):
+        select_runs(configs, {"data.datset": "mnist"})
+    # The first criterion leaves only F-VI, which has no width.
+    with pytest.raises(ConfigError, match=r"^--only family\.width=64: no run has it; the runs have no such field$"):
+        select_runs(configs, {"family.name": "factorized", "family.width": 64})
+    with pytest.raises(ConfigError, match=r"^--only 'train\.seed': expected KEY=VALUE"):
+        parse_overrides(["train.seed"], flag="--only")

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="torch threads per worker (default: cores // workers)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. train.epochs=5; a comma list makes an axis: family.width=1,64")
+    run.add_argument("--only", dest="selection", action="append", default=[], metavar="KEY=VALUE",
+                     help="run only the grid's runs with this field value (run ids unchanged), e.g. "
+                     "data.dataset=mnist; a comma list matches any of its values")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     run.add_argument("--checkpoint-every", type=float, default=120.0, metavar="SECONDS",
                      help="save each run's training state this often (default 120 s)")
@@ -62,6 +65,10 @@ def load_grid(args):
     return grid.with_overrides(overrides) if overrides else grid
 
 
+def _selected(args) -> str:
+    return f" (those with {', '.join(args.selection)})" if args.selection else ""
+
+
 def default_workers(n_runs: int) -> int:
     """Measured on 2 cores (docs/experiments.md): independent single-threaded runs beat one run using both
     cores."""
@@ -92,6 +99,10 @@ def cmd_run(args) -> int:
     try:
         grid = load_grid(args)
         configs = grid.expand()
+        if args.selection:
+            from ..experiments.grid import parse_overrides, select_runs
+
+            configs = select_runs(configs, parse_overrides(args.selection, flag="--only"))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +119,7 @@ def cmd_run(args) -> int:
         from ..experiments.grid import run_id
 
         existing = {r.run_id: r for r in store.records()}
-        print(f"{grid.name}: {len(configs)} runs -> {out}")
+        print(f"{grid.name}: {len(configs)} runs{_selected(args)} -> {out}")
         for c in configs:
             rid = run_id(c)
             state = existing[rid].display_state if rid in existing else "new"
@@ -143,8 +154,8 @@ def cmd_run(args) -> int:
     how = (f"as Ray tasks of {threads} CPU(s) each" + (f" on {args.address}" if args.address else " (local Ray)")
            if args.executor == "ray" else f"with {workers} worker(s) x {threads} thread(s)")
     elsewhere = f"{len(plan.busy)} running elsewhere, " if plan.busy else ""
-    print(f"{grid.name}: {len(records)} runs, {len(plan.done)} already done, {elsewhere}{len(todo)} to run "
-          f"{how} -> {out}", flush=True)
+    print(f"{grid.name}: {len(records)} runs{_selected(args)}, {len(plan.done)} already done, {elsewhere}"
+          f"{len(todo)} to run {how} -> {out}", flush=True)
     progress = _Progress(len(todo), store)
     started = time.time()
     if args.executor == "ray":

@@ -207,17 +207,47 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.epochs=5", "family.width=1,64"]`` -> ``{"train.epochs": 5, "family.width": [1, 64]}``."""
+def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["train.epochs=5", "family.width=1,64"]`` -> ``{"train.epochs": 5, "family.width": [1, 64]}``.
+    ``flag`` names the option in the error message (``--set``, ``--only``)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE (e.g. train.epochs=5)")
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE (e.g. train.epochs=5)")
         key, value = item.split("=", 1)
         key = key.strip()
         set_path({}, key, None)
         out[key] = parse_value(value)
     return out
+
+
+def select_runs(configs: list[RunConfig], criteria: dict[str, Any]) -> list[RunConfig]:
+    """The runs of ``configs`` (in their order) whose fields equal every criterion: dotted field ->
+    value, or a list of values any of which matches (``--only data.dataset=mnist``). Unlike an override,
+    a selection changes no run, so the selected runs keep the run ids they have in the whole grid (a
+    dataset's runs of one seed, run first and stored with the others). A run without the field (a
+    family that has no ``width``) does not match. A criterion that no run meets is an error that lists
+    the values the runs have, since an empty selection is always a typo."""
+    selected = list(configs)
+    for key, wanted in criteria.items():
+        set_path({}, key, None)  # refuses unknown fields
+        allowed = wanted if isinstance(wanted, list) else [wanted]
+        values = [flatten(c.to_dict()).get(key, _MISSING) for c in selected]
+        kept = [c for c, v in zip(selected, values) if v is not _MISSING and any(_same(v, a) for a in allowed)]
+        if not kept:
+            present = sorted({repr(v) for v in values if v is not _MISSING})
+            raise ConfigError(f"--only {key}={wanted!r}: no run has it; the runs have "
+                              f"{', '.join(present) if present else 'no such field'}")
+        selected = kept
+    return selected
+
+
+_MISSING = object()
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    """Equal as a config value: 64 matches 64.0, but ``false`` does not match seed 0."""
+    return value == wanted and isinstance(value, bool) == isinstance(wanted, bool)
 
 
 def load_grid_file(path: str | Path) -> Grid:

@@ -111,8 +111,8 @@ def _when_and_why(regime: dict[str, dict], description: str) -> Grid:
     moves once per epoch), N = 10,000, both datasets, A-VI k = 1, 64, 256, F-VI, constant-VI, and SA-VI
     (k = 64) on Fashion-MNIST only, Adam 1e-3, 5,000 epochs, 2 seeds, all 10,000 test images, in the
     likelihood regime ``regime`` (model and data fields) chosen by results/findings/regime*.toml.
-    Datasets are variants rather than an axis, so that SA-VI can be on one of them only; ``--set
-    data.dataset=fashion-mnist --set train.seed=0`` selects one dataset's seed with the same run ids."""
+    Datasets are variants rather than an axis, so that SA-VI can be on one of them only; ``--only
+    data.dataset=mnist --only train.seed=0`` selects one dataset's seed with the same run ids."""
     base = {
         "data": {"n_train": 10_000, "n_test": 10_000, **regime.get("data", {})},
         "model": {"latent_dim": 64, "hidden": 256, "depth": 2, **regime.get("model", {})},
