@@ -81,4 +81,4 @@ def legacy_objective_value(model, family, x, num_data, num_samples, generator) -
     with torch.no_grad() if not refine_needed else torch.enable_grad():
         idx = torch.arange(x.shape[0], device=x.device)
         terms = objective_terms(model, family, x, idx, num_data=num_data, config=config, generator=generator)
-    return float(terms.value)
+    return float(terms.value.detach())  # SA-VI refines with gradients on: the value may carry a graph
