@@ -103,6 +103,31 @@ def test_the_chunked_local_posterior_equals_one_pass_over_every_image(name):
 
 
 @torch.no_grad()
+def test_sa_vi_local_posterior_is_the_encoder_refined_on_the_local_elbo_at_the_posterior_mean():
+    """SA-VI's q(z): the encoder's output after its K refinement steps on the single-draw local ELBO
+    with theta at its posterior mean, drawing from the given generator; without refinement (as for a
+    plain encoder) it would be the encoder's output."""
+    decoder = _decoder()
+    torch.manual_seed(2)
+    family = build_family(family_config("semi-amortized", width=4, refine_steps=3, refine_lr=0.5),
+                          data_dim=6, latent_dim=3, num_data=10)
+    x = torch.rand(10, 6, generator=torch.Generator().manual_seed(3))
+    mu, ls = local_posterior(decoder, family, x, None, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    with torch.enable_grad():
+        want_mu, want_ls = family.local_params(x, torch.arange(10), make_local_elbo(decoder, 1, g))
+    assert torch.equal(mu, want_mu.detach()) and torch.equal(ls, want_ls.detach())
+    encoder_mu, _ = family.encode(x)
+    assert float((mu - encoder_mu).abs().max()) > 1e-3  # the refinement moved it
+    # Two draws per step, or another generator, refine differently.
+    with torch.enable_grad():
+        two_mu, _ = family.local_params(x, torch.arange(10), make_local_elbo(decoder, 2,
+                                                                             torch.Generator().manual_seed(4)))
+    assert not torch.equal(mu, two_mu.detach())
+    other, _ = local_posterior(decoder, family, x, None, generator=torch.Generator().manual_seed(5))
+    assert not torch.equal(mu, other)
+
+
 def _legacy_by_hand(decoder, family, x, num_data, num_samples, generator):
     """The published code's objective at the draws the implementation takes from ``generator`` (theta's
     noise first, then z's): its likelihood -||x - Omega||^2, priors -theta^2 and -z^2 / 2, and
