@@ -238,6 +238,35 @@ def test_ais_step_size_adapts_towards_the_target_acceptance():
     assert rates[1.0] < 0.2 and rates[1.2] > rates[1.0] + 0.3, rates
 
 
+def test_ais_settings_are_checked_and_each_one_is_used():
+    """One chain, one temperature and one leapfrog step are valid; zero of any is one clear error. The
+    schedule's sharpness reaches the schedule, and the estimate comes back in the images' dtype (float32
+    images: float32, though the weights accumulate in float64)."""
+    AISConfig(chains=1, steps=1, leapfrog=1)
+    for bad in ({"chains": 0}, {"steps": 0}, {"leapfrog": 0}, {"chains": -1, "steps": 5}):
+        with pytest.raises(ValueError, match=r"^AIS chains, steps and leapfrog must be >= 1$"):
+            AISConfig(**bad)
+    for bad in ({"step_size": 0.0}, {"target_accept": 1.0}, {"target_accept": 0.0}, {"adapt": 0.99}):
+        with pytest.raises(ValueError, match=r"^AIS needs step_size > 0, 0 < target_accept < 1 and adapt >= 1$"):
+            AISConfig(**bad)
+    AISConfig(adapt=1.0, target_accept=0.01)
+    base = lg.make(D=8, d=4, obs_var=0.3, seed=1)
+    model, decoder, x = _double_linear(base.W, base.b, 0.3, 4)
+    zeros = torch.zeros(4, 4, dtype=torch.float64)
+
+    def run(**kw):
+        return ais_log_evidence(decoder, x, zeros, zeros, decoder.mean(), AISConfig(
+            chains=8, steps=10, from_prior=True, **kw), torch.Generator().manual_seed(0))["log_px"]
+
+    assert not torch.equal(run(sharpness=2.0), run(sharpness=4.0))
+    assert torch.equal(run(sharpness=4.0), run())
+    decoder32 = model.decoder().requires_grad_(False)
+    z32 = torch.zeros(4, 4)
+    out = ais_log_evidence(decoder32, x.float(), z32, z32, decoder32.mean(), AISConfig(chains=4, steps=3),
+                           torch.Generator().manual_seed(0))
+    assert out["log_px"].dtype == torch.float32 and out["log_weights"].dtype == torch.float64
+
+
 def test_ais_diagnostics_and_schedule():
     b = sigmoid_schedule(100)
     assert b[0] == 0 and b[-1] == 1 and bool((b[1:] > b[:-1]).all())
