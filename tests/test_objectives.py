@@ -391,3 +391,23 @@ def test_register_objective_makes_the_class_available_by_its_kind():
         assert isinstance(objectives.get_objective("doubled-elbo-for-a-test"), Doubled)
     finally:
         del objectives.OBJECTIVES["doubled-elbo-for-a-test"]
+
+
+@pytest.mark.parametrize("scheme", ["batch", "all"])
+def test_the_training_loss_is_minus_the_objective_at_the_same_draws(scheme):
+    """negative_elbo, what the trainer minimises: -(objective_terms' value) for the same batch, rows,
+    generator state and (with local_terms="all") the whole data set; a different generator state draws
+    other noise. Checked here in process because only the training tests called it."""
+    model, fam, x = small_setup("amortized")
+    n, rows = x.shape[0], torch.tensor([3, 0, 7, 5])
+    cfg = ObjectiveConfig(estimator="mc", local_terms=scheme, num_samples=2)
+    with torch.no_grad():
+        loss = objectives.negative_elbo(model, fam, x[rows], rows, num_data=n, config=cfg,
+                                        generator=torch.Generator().manual_seed(8), x_all=x)
+        value = objective_terms(model, fam, x[rows], rows, num_data=n, config=cfg,
+                                generator=torch.Generator().manual_seed(8), x_all=x).value
+        other = objectives.negative_elbo(model, fam, x[rows], rows, num_data=n, config=cfg,
+                                         generator=torch.Generator().manual_seed(9), x_all=x)
+    assert loss.dim() == 0 and torch.equal(loss, -value)
+    assert float(value) < 0 < float(loss)  # an ELBO of real images is far below 0 nats
+    assert not torch.equal(loss, other)
