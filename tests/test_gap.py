@@ -429,3 +429,38 @@ def test_sample_thetas_are_the_models_draws_one_by_one():
         assert len(d.values) == len(whole.values)
         for v, w in zip(d.values, whole.values):
             assert v.shape == (1, *w.shape[1:]) and torch.equal(v, w[i : i + 1])
+
+
+def test_the_per_theta_helpers_average_image_by_image_and_read_curves_as_written():
+    """What measure_gap reports from several thetas, on values written out: per-image averages over the
+    thetas (not over the images), mean costs, the curve averaged over the step counts every theta
+    recorded, the first recorded point at or above a level, and statistics over the finite images."""
+    from amortized_bayes.gap import (LocalOptimum, _average, _average_cost, _finite_list, _first_reaching,
+                                     _mean_curve, _stats)
+
+    per_theta = [{"v": torch.tensor([1.0, 2.0, 3.0])}, {"v": torch.tensor([3.0, 6.0, 5.0])}]
+    assert _average(per_theta, "v").tolist() == [2.0, 4.0, 4.0]
+
+    def opt(steps, seconds, converged, curve):
+        return LocalOptimum(torch.zeros(1, 1), torch.zeros(1, 1), steps, seconds, converged, curve)
+
+    a = opt(10, 1.0, True, [{"steps": 0, "seconds": 0.0, "elbo_mean": -10.0},
+                            {"steps": 5, "seconds": 0.5, "elbo_mean": -6.0},
+                            {"steps": 10, "seconds": 1.0, "elbo_mean": -4.0}])
+    b = opt(30, 4.0, False, [{"steps": 0, "seconds": 0.0, "elbo_mean": -12.0},
+                             {"steps": 10, "seconds": 2.0, "elbo_mean": -2.0}])
+    assert _average_cost([{"q": a}, {"q": b}], "q") == {"steps": 20.0, "seconds": 2.5, "converged": False}
+    assert _average_cost([{"q": a}], "q") == {"steps": 10.0, "seconds": 1.0, "converged": True}
+    curve = _mean_curve([a.curve, b.curve])  # step 5 is missing from b: left out
+    assert curve == [{"steps": 0, "seconds": 0.0, "elbo_mean": -11.0}, {"steps": 10, "seconds": 1.5, "elbo_mean": -3.0}]
+    assert _first_reaching(a.curve, -6.0) == {"steps": 5, "seconds": 0.5}  # "at or above"
+    assert _first_reaching(a.curve, -5.0) == {"steps": 10, "seconds": 1.0}
+    assert _first_reaching(a.curve, -3.9) is None
+    s = _stats(torch.tensor([1.0, float("nan"), 3.0, 5.0, float("inf")]))
+    assert s == {"mean": 3.0, "sd": 2.0, "median": 3.0, "min": 1.0, "max": 5.0,
+                 "se": pytest.approx(2.0 / math.sqrt(3)), "non_finite": 2}
+    one = _stats(torch.tensor([4.0]))
+    assert one["sd"] == 0.0 and one["se"] == 0.0 and one["mean"] == 4.0 and one["non_finite"] == 0
+    none = _stats(torch.tensor([float("nan")]))
+    assert none["non_finite"] == 1 and all(math.isnan(none[k]) for k in ("mean", "sd", "median", "min", "max", "se"))
+    assert _finite_list(torch.tensor([1.5, float("nan"), -float("inf")])) == [1.5, None, None]
