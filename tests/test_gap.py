@@ -464,3 +464,37 @@ def test_the_per_theta_helpers_average_image_by_image_and_read_curves_as_written
     none = _stats(torch.tensor([float("nan")]))
     assert none["non_finite"] == 1 and all(math.isnan(none[k]) for k in ("mean", "sd", "median", "min", "max", "se"))
     assert _finite_list(torch.tensor([1.5, float("nan"), -float("inf")])) == [1.5, None, None]
+
+
+def test_gaps_per_image_counts_clamped_images_and_averages_ais_when_asked():
+    """log sigma outside LOG_SIGMA_RANGE = [-20, 20] is clamped, and each image with any such unit is
+    counted once (the ends themselves are inside); with an AIS configuration the AIS evidence is
+    reported (from q*, a few optimiser steps from the exact posterior of an orthogonal-W model: close
+    to the exact evidence), without one it is None."""
+    from amortized_bayes.gap import LOG_SIGMA_RANGE, GapConfig, gaps_per_image
+
+    assert LOG_SIGMA_RANGE == (-20.0, 20.0)
+    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, -0.5]])
+    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3, 0.0]), 0.5)
+    decoder = model.decoder().requires_grad_(False)
+    x = model.sample(5, torch.Generator().manual_seed(0))
+    mu = model.posterior_mean(x)
+    ls = 0.5 * model.meanfield_var().log().expand_as(mu).clone()
+    config = GapConfig(images=5, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
+                       curve_steps=(0,), ais=AISConfig(chains=3, steps=2, leapfrog=1))
+    extreme = ls.clone()
+    extreme[0] = torch.tensor([-20.0, 20.0])  # at the ends: not clamped
+    extreme[1] = torch.tensor([-20.5, 0.0])  # one unit below
+    extreme[2] = torch.tensor([0.0, 21.0])  # one unit above
+    extreme[3] = torch.tensor([-30.0, 30.0])  # both units: one image
+    gaps = gaps_per_image(decoder, x, mu, extreme, [decoder.mean()], config, torch.Generator().manual_seed(1))
+    assert gaps.log_sigma_clamped_images == 3
+    gaps = gaps_per_image(decoder, x, mu, ls, [decoder.mean()], config, torch.Generator().manual_seed(1))
+    assert gaps.log_sigma_clamped_images == 0
+    assert gaps.log_px_ais is not None and gaps.approximation_gap_ais is not None
+    assert float((gaps.log_px_ais - model.log_evidence(x)).abs().max()) < 0.5
+    torch.testing.assert_close(gaps.approximation_gap_ais, gaps.log_px_ais - gaps.elbo_q_star)
+    no_ais = GapConfig(images=5, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
+                       curve_steps=(0,))
+    without = gaps_per_image(decoder, x, mu, ls, [decoder.mean()], no_ais, torch.Generator().manual_seed(1))
+    assert without.log_px_ais is None and without.approximation_gap_ais is None

@@ -411,3 +411,22 @@ def test_the_training_loss_is_minus_the_objective_at_the_same_draws(scheme):
     assert loss.dim() == 0 and torch.equal(loss, -value)
     assert float(value) < 0 < float(loss)  # an ELBO of real images is far below 0 nats
     assert not torch.equal(loss, other)
+
+
+@pytest.mark.parametrize("kind", ["elbo", "legacy-2024"])
+def test_analytic_local_terms_are_the_closed_form_whatever_the_draws(kind):
+    """estimator="analytic": (E log p(z), E[-log q(z)]) summed over the rows in closed form, from
+    torch.distributions, and the same for any draws passed in (the mc estimate would follow them)."""
+    objective = objectives.get_objective(kind)
+    g = torch.Generator().manual_seed(0)
+    mu, log_sigma = torch.randn(5, 3, generator=g, dtype=torch.float64), 0.3 * torch.randn(5, 3, generator=g,
+                                                                                           dtype=torch.float64)
+    q = Normal(mu, log_sigma.exp())
+    entropy = q.entropy().sum()
+    expected_log_prior = -kl_divergence(q, Normal(0.0, 1.0)).sum() - entropy
+    for seed in (1, 2):
+        eps = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        z = mu + log_sigma.exp() * eps
+        log_prior, neg_log_q = objective.local_terms(mu, log_sigma, z, eps, "analytic")
+        torch.testing.assert_close(log_prior, expected_log_prior, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(neg_log_q, entropy, rtol=1e-12, atol=1e-12)
