@@ -348,7 +348,9 @@ def test_measure_gap_at_the_exact_optimum_and_averaged_over_theta_draws(setup):
     fitted = SimpleNamespace(model=decoder, family=family, config=RunConfig())
     config = GapConfig(images=x.shape[0], splits=("train",), iwae_samples=3000, elbo_samples=2000,
                        optim=LocalOptimConfig(num_samples=32, max_steps=1500), curve_steps=(0, 10, 100))
-    s = measure_gap(fitted, {"train": x}, config)["splits"]["train"]
+    at_mean = measure_gap(fitted, {"train": x}, config)
+    assert at_mean["theta"] == "posterior mean" and at_mean["family"] == family.name
+    s = at_mean["splits"]["train"]
     assert abs(s["amortization_gap"]["mean"]) < 0.02
     exact_gap = float((model.log_evidence(x) - model.elbo(x, mu_star, ls_star)).mean())
     assert s["approximation_gap"]["mean"] == pytest.approx(exact_gap, abs=0.03)
