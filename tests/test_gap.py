@@ -500,3 +500,37 @@ def test_gaps_per_image_counts_clamped_images_and_averages_ais_when_asked():
                        curve_steps=(0,))
     without = gaps_per_image(decoder, x, mu, ls, [decoder.mean()], no_ais, torch.Generator().manual_seed(1))
     assert without.log_px_ais is None and without.approximation_gap_ais is None
+
+
+def test_measure_gap_reports_its_settings_and_what_each_families_own_inference_cost():
+    """measure_gap's record, on values known in advance: its top-level keys; for F-VI the train images'
+    q is the trained factors (no steps, said so) while test images are fitted by the run's own
+    test-time inference (its step limit honoured); an encoder's q costs no steps on either split."""
+    from types import SimpleNamespace
+
+    from amortized_bayes.config import LocalInferenceConfig, RunConfig, TrainConfig, family_config
+    from amortized_bayes.families import FactorizedFamily, build_family
+    from amortized_bayes.gap import GapConfig, measure_gap
+
+    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, -0.5]])
+    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3, 0.0]), 0.5)
+    decoder = model.decoder().requires_grad_(False)
+    x = model.sample(6, torch.Generator().manual_seed(0))
+    run_config = RunConfig(train=TrainConfig(test_inference=LocalInferenceConfig(max_steps=7, rtol=0.0)))
+    config = GapConfig(images=6, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
+                       curve_steps=(0,))
+    factorized = FactorizedFamily(6, 2)
+    with torch.no_grad():
+        factorized.loc.weight.copy_(model.posterior_mean(x))
+    result = measure_gap(SimpleNamespace(model=decoder, family=factorized, config=run_config),
+                         {"train": x, "test": x + 0.1}, config)
+    assert set(result) == {"theta", "family", "config", "splits"}
+    assert result["family"] == "factorized" and result["config"] == config.to_dict()
+    train, test = (result["splits"][s]["family_inference_cost"] for s in ("train", "test"))
+    assert set(train) == {"steps", "seconds", "note"} and train["steps"] == 0
+    assert train["note"] == "the trained factors" and 0 <= train["seconds"] < 60
+    assert set(test) == {"steps", "seconds"} and test["steps"] == 7 and 0 < test["seconds"] < 60
+    encoder = build_family(family_config("amortized", width=4), data_dim=4, latent_dim=2, num_data=6)
+    result = measure_gap(SimpleNamespace(model=decoder, family=encoder, config=run_config), {"train": x}, config)
+    cost = result["splits"]["train"]["family_inference_cost"]
+    assert set(cost) == {"steps", "seconds"} and cost["steps"] == 0 and result["family"] == "amortized"
