@@ -526,6 +526,11 @@ def test_measure_gap_reports_its_settings_and_what_each_families_own_inference_c
                          {"train": x, "test": x + 0.1}, config)
     assert set(result) == {"theta", "family", "config", "splits"}
     assert result["family"] == "factorized" and result["config"] == config.to_dict()
+    assert set(result["splits"]["test"]) == {
+        "images", "amortization_gap", "approximation_gap", "elbo_family", "elbo_q_star", "log_px_iwae",
+        "q_star_from_family_vs_prior_nats", "q_star_cost_from_family", "q_star_cost_from_prior",
+        "family_inference_cost", "refinement_curve", "scratch_curve", "refinement_to_90pct_of_gap",
+        "scratch_to_family_elbo", "per_image", "log_sigma_clamped_images"}
     train, test = (result["splits"][s]["family_inference_cost"] for s in ("train", "test"))
     assert set(train) == {"steps", "seconds", "note"} and train["steps"] == 0
     assert train["note"] == "the trained factors" and 0 <= train["seconds"] < 60
