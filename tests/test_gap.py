@@ -535,6 +535,26 @@ def test_measure_gap_reports_its_settings_and_what_each_families_own_inference_c
     assert set(train) == {"steps", "seconds", "note"} and train["steps"] == 0
     assert train["note"] == "the trained factors" and 0 <= train["seconds"] < 60
     assert set(test) == {"steps", "seconds"} and test["steps"] == 7 and 0 < test["seconds"] < 60
+    # The per-image lists are the per-image values the statistics summarise.
+    split = result["splits"]["test"]
+    assert set(split["per_image"]) == {"amortization_gap", "approximation_gap"}
+    for key in ("amortization_gap", "approximation_gap"):
+        assert len(split["per_image"][key]) == 6
+        assert sum(split["per_image"][key]) / 6 == pytest.approx(split[key]["mean"], rel=1e-6, abs=1e-9)
+    # With AIS: its evidence, the gap it gives, its difference from IWAE, its diagnostics and its cost.
+    chains = 3
+    with_ais = measure_gap(SimpleNamespace(model=decoder, family=factorized, config=run_config), {"train": x},
+                           GapConfig(images=6, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
+                                     curve_steps=(0,), ais=AISConfig(chains=chains, steps=2, leapfrog=1)))
+    a = with_ais["splits"]["train"]
+    mean = {k: a[k]["mean"] for k in ("log_px_ais", "log_px_iwae", "elbo_q_star", "approximation_gap_ais",
+                                       "ais_minus_iwae")}
+    assert mean["approximation_gap_ais"] == pytest.approx(mean["log_px_ais"] - mean["elbo_q_star"], abs=1e-4)
+    assert mean["ais_minus_iwae"] == pytest.approx(mean["log_px_ais"] - mean["log_px_iwae"], abs=1e-4)
+    assert 1 <= a["ais_ess"]["min"] <= a["ais_ess"]["max"] <= chains
+    assert 0 <= a["ais_acceptance"]["min"] <= a["ais_acceptance"]["max"] <= 1 and 0 < a["ais_seconds"] < 60
+    assert set(a["per_image"]) == {"amortization_gap", "approximation_gap", "approximation_gap_ais"}
+    assert sum(a["per_image"]["approximation_gap_ais"]) / 6 == pytest.approx(mean["approximation_gap_ais"], abs=1e-4)
     encoder = build_family(family_config("amortized", width=4), data_dim=4, latent_dim=2, num_data=6)
     result = measure_gap(SimpleNamespace(model=decoder, family=encoder, config=run_config), {"train": x}, config)
     cost = result["splits"]["train"]["family_inference_cost"]
