@@ -461,6 +461,8 @@ def test_the_per_theta_helpers_average_image_by_image_and_read_curves_as_written
     s = _stats(torch.tensor([1.0, float("nan"), 3.0, 5.0, float("inf")]))
     assert s == {"mean": 3.0, "sd": 2.0, "median": 3.0, "min": 1.0, "max": 5.0,
                  "se": pytest.approx(2.0 / math.sqrt(3)), "non_finite": 2}
+    two = _stats(torch.tensor([1.0, 3.0]))
+    assert two["sd"] == pytest.approx(math.sqrt(2)) and two["se"] == pytest.approx(1.0)
     one = _stats(torch.tensor([4.0]))
     assert one["sd"] == 0.0 and one["se"] == 0.0 and one["mean"] == 4.0 and one["non_finite"] == 0
     none = _stats(torch.tensor([float("nan")]))
