@@ -561,3 +561,33 @@ def test_measure_gap_reports_its_settings_and_what_each_families_own_inference_c
     result = measure_gap(SimpleNamespace(model=decoder, family=encoder, config=run_config), {"train": x}, config)
     cost = result["splits"]["train"]["family_inference_cost"]
     assert set(cost) == {"steps", "seconds"} and cost["steps"] == 0 and result["family"] == "amortized"
+
+
+def test_measure_gap_reports_the_mean_ais_seconds_over_theta_draws(monkeypatch):
+    """With several draws of theta, the record's AIS cost is the mean over the draws of each draw's AIS
+    seconds (known here: each draw's time is replaced by 1, 2, 3 s), not their sum or a multiple of it."""
+    from types import SimpleNamespace
+
+    import amortized_bayes.gap as gap_module
+    from amortized_bayes.config import RunConfig
+    from amortized_bayes.families import FactorizedFamily
+    from amortized_bayes.gap import GapConfig, measure_gap
+
+    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]])
+    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3]), 0.5)
+    decoder = model.decoder().requires_grad_(False)
+    x = model.sample(4, torch.Generator().manual_seed(0))
+    real, seconds = gap_module._gap_at_theta, iter([1.0, 2.0, 3.0])
+
+    def with_known_seconds(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["ais_seconds"] = next(seconds)
+        return out
+
+    monkeypatch.setattr(gap_module, "_gap_at_theta", with_known_seconds)
+    config = GapConfig(images=4, elbo_samples=2, iwae_samples=4, optim=LocalOptimConfig(max_steps=2),
+                       curve_steps=(0,), theta_draws=3, ais=AISConfig(chains=2, steps=2, leapfrog=1))
+    result = measure_gap(SimpleNamespace(model=decoder, family=FactorizedFamily(4, 2), config=RunConfig()),
+                         {"train": x}, config)
+    assert result["splits"]["train"]["ais_seconds"] == pytest.approx(2.0)
+    assert result["theta"] == "average over 3 draws of q(theta)"
