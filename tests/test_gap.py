@@ -591,3 +591,28 @@ def test_measure_gap_reports_the_mean_ais_seconds_over_theta_draws(monkeypatch):
                          {"train": x}, config)
     assert result["splits"]["train"]["ais_seconds"] == pytest.approx(2.0)
     assert result["theta"] == "average over 3 draws of q(theta)"
+
+
+def test_both_local_optimisations_record_their_curves_with_the_configured_draws(monkeypatch):
+    """The refinement and from-scratch curves are estimated with ``elbo_samples`` draws per ELBO_x, at
+    the configured steps, by the configured optimiser (optimise_local's own default is 256 draws)."""
+    import amortized_bayes.gap as gap_module
+    from amortized_bayes.gap import GapConfig, _gap_at_theta
+
+    model = lg.LinearGaussian(torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]), torch.zeros(3), 0.5)
+    decoder = model.decoder().requires_grad_(False)
+    x = model.sample(3, torch.Generator().manual_seed(0))
+    calls, real = [], gap_module.optimise_local
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gap_module, "optimise_local", spy)
+    config = GapConfig(images=3, elbo_samples=7, iwae_samples=4, curve_steps=(0, 2),
+                       optim=LocalOptimConfig(max_steps=2))
+    mu = torch.zeros(3, 2)
+    _gap_at_theta(decoder, x, mu, mu, decoder.mean(), config, torch.Generator().manual_seed(0))
+    assert len(calls) == 2
+    for kwargs in calls:
+        assert kwargs["record_samples"] == 7 and kwargs["record_at"] == (0, 2) and kwargs["config"] is config.optim
