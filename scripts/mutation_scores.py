@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,11 +23,24 @@ def status(code: int | None) -> str:
     return STATUS.get(code, "suspicious")
 
 
+def exit_codes(meta: Path, attempts: int = 20) -> dict[str, int | None]:
+    """{mutant name: exit code} from one meta file. A running mutmut rewrites the file in place after
+    each mutant, so a read can catch it half-written: read again until it parses (a few ms later)."""
+    for attempt in range(attempts):
+        try:
+            return json.loads(meta.read_text())["exit_code_by_key"]
+        except json.JSONDecodeError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
 def module_results(root: Path) -> dict[str, Counter]:
     """{module path: Counter of statuses} over every mutated file's meta file under ``root``."""
     out: dict[str, Counter] = {}
     for meta in sorted(root.rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = exit_codes(meta)
         out[str(meta.relative_to(root).with_suffix(""))] = Counter(status(c) for c in codes.values())
     return out
 
@@ -34,7 +48,7 @@ def module_results(root: Path) -> dict[str, Counter]:
 def survivors(root: Path) -> list[str]:
     names = []
     for meta in sorted(root.rglob("*.py.meta")):
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = exit_codes(meta)
         names += [name for name, code in codes.items() if status(code) in ("survived", "suspicious", "timeout")]
     return names
 
