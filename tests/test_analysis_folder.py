@@ -9,6 +9,7 @@ import json
 import math
 import statistics
 
+import numpy as np
 import pytest
 
 from amortized_bayes.analysis import dataset_table, gap_table, load_results, with_tolerance
@@ -478,8 +479,8 @@ def test_the_verdicts_say_exactly_what_was_compared(folder, mixed):
     elbo, speed = table.verdicts
     assert elbo.claim == "A-VI with k >= 64 reaches F-VI's ELBO and MSE"
     assert elbo.why == (f"A-VI k=64: -ELBO vs F-VI {describe_ratio(c.elbo_ratio, c.elbo_ratio_ci, 3)}, train MSE "
-                        f"{c.mse_ratio:.2f}x F-VI's. 'Reaches' means -ELBO within 1% of F-VI's (the interval's lower end "
-                        "of 1 + (A - F)/|F| at most 1.01; A/F for a positive F) and train MSE within 10%.")
+                        f"{c.mse_ratio:.2f}x F-VI's. 'Reaches' means -ELBO within 1% of F-VI's (the interval's "
+                        "lower end of 1 + (A - F)/|F| at most 1.01; A/F for a positive F) and train MSE within 10%.")
     assert speed.claim == "A-VI is 2-3x faster than F-VI"
     assert speed.why == (f"A-VI k=64: speed-up over F-VI in training seconds to train_mse <= 0.05: "
                          f"{c.speedup.describe()}.")
@@ -528,11 +529,55 @@ def test_negative_elbos_compare_by_their_difference_relative_to_fvi(mixed):
     assert signed_ratio(-50.0, -54.0) == pytest.approx(1 + 4 / 54) and signed_ratio(-60.0, -54.0) < 1.0
     assert signed_ratio(766.0, 767.0) == 766.0 / 767.0
     assert signed_ratio(-321.0, 49.0) == -321.0 / 49.0 and math.isinf(signed_ratio(1.0, 0.0))
-    for path, per_image in (("fashion-mnist-avi-*", -429.0), ("fashion-mnist-fvi-*", -54.0)):
+    for path, per_image, test_per_image in (("fashion-mnist-avi-*", -429.0, -435.0),
+                                            ("fashion-mnist-fvi-*", -54.0, -349.0)):
         (run,) = (mixed / "runs").glob(path)
         evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
-        (run / "evals.jsonl").write_text("".join(json.dumps({**e, "neg_elbo": per_image * N}) + "\n" for e in evals))
+        (run / "evals.jsonl").write_text("".join(
+            json.dumps({**e, "neg_elbo": per_image * N, "test_neg_elbo_per_image": test_per_image}) + "\n"
+            for e in evals))
     table = dataset_table(load_results(mixed), "fashion-mnist")
     (c,) = table.comparisons.values()
     assert c.elbo_ratio == pytest.approx(1 + (-429 + 54) / 54) and c.elbo_ratio_ci == pytest.approx((c.elbo_ratio,) * 2)
+    # The test images' -ELBOs compare the same way, interval included (a plain ratio would be 1.25).
+    assert c.test_elbo_ratio == pytest.approx(1 + (-435 + 349) / 349)
+    assert c.test_elbo_ratio_ci == pytest.approx((c.test_elbo_ratio,) * 2)
     assert table.verdicts[0].verdict == "supported on one seed (no interval)"
+
+
+def test_signed_ratio_is_exactly_the_plain_ratio_for_a_positive_reference_and_infinite_at_zero():
+    """For F-VI's -ELBO > 0 the comparison is A/F itself, bit for bit (0.3/0.1 is 2.9999999999999996,
+    while 1 + (0.3 - 0.1)/0.1 rounds to 3.0), so tables of positive -ELBOs read as before; a zero
+    reference gives inf whatever the numerator's sign, element by element, with no warning printed."""
+    import warnings
+
+    from amortized_bayes.analysis import signed_ratio
+
+    assert signed_ratio(0.3, 0.1) == 0.3 / 0.1 and signed_ratio(2.0, 1.0) == 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's divide-by-zero and 0/0 warnings would raise here
+        out = signed_ratio([1.0, -1.0, 0.0, -429.0, 0.3], [0.0, 0.0, 0.0, -54.0, 0.1])
+    assert isinstance(out, np.ndarray) and out.shape == (5,)
+    assert np.isinf(out[:3]).all() and (out[:3] > 0).all()
+    assert out[3] == 1 + (-429.0 + 54.0) / 54.0 and out[4] == 0.3 / 0.1
+
+
+def test_a_speed_up_says_what_censoring_leaves_of_it_and_its_interval_only_when_there_is_one():
+    """Every form of SpeedUp.describe, with one seed each (no interval: said so) and with several."""
+    from amortized_bayes.analysis import SpeedUp
+
+    one, many = (1, 1), (3, 2)
+    inf = math.inf
+    cases = [
+        (SpeedUp(2.5, 2.5, (2.0, 3.0), seeds=many), "2.50x (95% CI 2.00-3.00)"),
+        (SpeedUp(2.5, 2.5, (2.5, 2.5), seeds=one), "2.50x (one seed each, no interval)"),
+        (SpeedUp(4.0, inf, (3.0, inf), seeds=many), "at least 4.00x (95% CI from 3.00)"),
+        (SpeedUp(4.0, inf, (4.0, inf), seeds=one), "at least 4.00x (one seed each, no interval)"),
+        (SpeedUp(0.0, 0.8, (0.0, 0.9), seeds=many), "at most 0.80x (95% CI to 0.90)"),
+        (SpeedUp(0.0, 0.8, (0.0, 0.8), seeds=one), "at most 0.80x (one seed each, no interval)"),
+        (SpeedUp(1.5, 3.0, (1.2, 3.5), seeds=many), "1.50x to 3.00x (95% CI 1.20-3.50)"),
+        (SpeedUp(1.5, 3.0, (1.5, 3.0), seeds=one), "1.50x to 3.00x (one seed each, no interval)"),
+        (SpeedUp(0.0, inf, (0.0, inf), seeds=many), "unknown (neither median reached it)"),
+    ]
+    for speedup, text in cases:
+        assert speedup.describe() == text
