@@ -227,3 +227,44 @@ def test_the_vectorised_bootstraps_equal_the_one_resample_at_a_time_loop(case):
     if case == 5:
         den[0] = 0.0
     np.testing.assert_array_equal(bootstrap_ratio_ci(num, den), _loop_ratio_ci(num, den, BOOTSTRAP_RESAMPLES))
+
+
+def _elbo_verdict(fvi: tuple[float, float], avis: dict[int, tuple[float, float]]) -> tuple[Verdict, dict]:
+    """The ELBO verdict and the comparisons for F-VI's (final -ELBO per unit, final train MSE) against
+    A-VI's of each width, two identical seeds each (so each interval is its point)."""
+    def curve(mse):
+        return [(0, 0.0, 0.2), (10, 1.0, mse)]
+
+    results = Results(Path("."), {"tolerance": {"metric": "train_mse", "mnist": 0.05}})
+    results.groups["mnist"] = {
+        "F-VI": [_run(family_config(name="factorized"), s, curve(fvi[1]), fvi[0]) for s in range(2)]}
+    for width, (elbo, mse) in avis.items():
+        results.groups["mnist"][f"A-VI k={width}"] = [_run(family_config(width=width), s, curve(mse), elbo)
+                                                      for s in range(2)]
+    table = dataset_table(results, "mnist")
+    return table.verdicts[0], {m.width: c for m, c in table.comparisons.items()}
+
+
+def test_the_elbo_verdict_at_its_margins_and_partly_supported_across_widths():
+    """'Reaches' is -ELBO within 1% (the interval's lower end at most 1.01) and train MSE within 10% (at
+    most 1.1x), both ends included; one wide width reaching and another not is "partly supported"; the
+    MSE condition alone can fail the claim."""
+    from amortized_bayes.analysis import ELBO_MARGIN, MSE_MARGIN
+
+    f_mse = 0.03125  # a power of two, so that 1.1 x it divided by it is 1.1 exactly
+    at_margin = (128.0 * 1.01, f_mse * 1.1)
+    verdict, comparisons = _elbo_verdict((128.0, f_mse), {64: at_margin})
+    assert comparisons[64].elbo_ratio_ci[0] == 1 + ELBO_MARGIN and comparisons[64].mse_ratio == 1 + MSE_MARGIN
+    assert verdict.verdict == "supported"
+    # Just past either margin: not reached.
+    assert _elbo_verdict((128.0, f_mse), {64: (128.0 * 1.011, f_mse)})[0].verdict == "not supported"
+    assert _elbo_verdict((128.0, f_mse), {64: (128.0, f_mse * 1.12)})[0].verdict == "not supported"
+    assert _elbo_verdict((128.0, f_mse), {64: (128.0, f_mse * 1.5)})[0].verdict == "not supported"
+    # Two wide widths, one reaching and one not.
+    verdict, _ = _elbo_verdict((128.0, f_mse), {64: (128.0, f_mse), 256: (128.0 * 1.05, f_mse)})
+    assert verdict.verdict == "partly supported"
+    assert verdict.why.startswith("A-VI k=64: -ELBO vs F-VI 1.000 (95% CI 1.000-1.000), train MSE 1.00x F-VI's; "
+                                  "A-VI k=256: -ELBO vs F-VI 1.050 (95% CI 1.050-1.050), train MSE 1.00x F-VI's.")
+    # Narrow widths do not count: k = 16 reaching does not make up for k = 64 missing.
+    verdict, _ = _elbo_verdict((128.0, f_mse), {16: (128.0, f_mse), 64: (128.0 * 1.05, f_mse)})
+    assert verdict.verdict == "not supported" and "k=16" not in verdict.why
