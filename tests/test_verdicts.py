@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from amortized_bayes.analysis import (Crossing, Results, RunData, Verdict, censored_median, dataset_table, first_crossing,
-                                      speedup)
+from amortized_bayes.analysis import (Crossing, Results, RunData, Verdict, censored_median, dataset_table,
+                                      first_crossing, speedup)
 from amortized_bayes.config import FamilyConfig, family_config, RunConfig, TrainConfig
 
 
