@@ -131,7 +131,8 @@ def test_when_and_why_is_the_issue_17_grid_and_one_dataset_seed_keeps_its_ids():
     assert len(runs) == (6 + 5) * 2
     assert {r.data.dataset for r in runs if r.family.name == "semi-amortized"} == {"fashion-mnist"}
     assert {(r.objective.kind, r.objective.local_terms, r.train.batches, r.train.batch_size, r.train.epochs,
-             r.data.n_train, r.data.n_test) for r in runs} == {("elbo", "batch", "shuffled", 1000, 5000, 10_000, 10_000)}
+             r.data.n_train, r.data.n_test) for r in runs} == {
+        ("elbo", "batch", "shuffled", 1000, 5000, 10_000, 10_000)}
     # Each batch to run (a dataset's seed) selected with --only keeps the full grid's run ids.
     from amortized_bayes.experiments.grid import select_runs
 
@@ -160,7 +161,8 @@ def test_cli_end_to_end_on_real_mnist_then_skip_of_finished_runs(tiny_grid, tmp_
         assert summary["final"]["neg_elbo"] == evals[-1]["neg_elbo"] and summary["meta"]["torch"]
     table = (out / "summary.csv").read_text().splitlines()
     assert len(table) == 4 and table[0].startswith("run_id,state")
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name not in ("summary.csv", "grid.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")
+              if p.is_file() and p.name not in ("summary.csv", "grid.json")}
     again = cli("run", tiny_grid(), "--out", out)
     assert "3 already done, 0 to run" in again.stdout
     assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
@@ -219,7 +221,8 @@ def test_worker_killed_mid_run_resumes_to_the_uninterrupted_numbers(tiny_grid, t
     def running_worker():
         for status in out.glob("runs/*/status.json"):
             s = read_json(status, {}) or {}
-            if s.get("state") == "running" and (s.get("epochs_done") or 0) >= 3 and (status.parent / "state.pt").exists():
+            if (s.get("state") == "running" and (s.get("epochs_done") or 0) >= 3
+                    and (status.parent / "state.pt").exists()):
                 return s
         return None
 

@@ -101,6 +101,7 @@ def test_fit_and_test_time_inference_run_on_the_gpu(family):
     assert result.history.evals, "no evaluation recorded"
     assert all(math.isfinite(v) for v in result.history.neg_elbo)
     assert all(p.device.type == "cuda" for p in result.model.parameters())
-    post = infer_local(result.model, result.family, _images()[:8].to(GPU), generator=torch.Generator(GPU).manual_seed(0))
+    post = infer_local(result.model, result.family, _images()[:8].to(GPU),
+                       generator=torch.Generator(GPU).manual_seed(0))
     assert post.mu.device.type == "cuda" and post.mu.shape == (8, 4)
     assert torch.isfinite(post.mu).all() and torch.isfinite(post.log_sigma).all()

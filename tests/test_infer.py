@@ -164,7 +164,8 @@ def test_pairs_grid_puts_each_image_above_its_reconstruction():
 def _fitted(family: str, likelihood: str = "gaussian", seed: int = 0):
     """A model trained for 2 epochs on 40 random images (seconds), as load_fit would return it."""
     from amortized_bayes.checkpoint import load_fit, save_fit
-    from amortized_bayes.config import DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
+    from amortized_bayes.config import (DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig,
+                                        TrainConfig)
     from amortized_bayes.training import TrainingData, fit
 
     g = torch.Generator().manual_seed(seed)

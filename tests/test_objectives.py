@@ -82,8 +82,8 @@ def test_mc_and_analytic_estimate_the_same_elbo(family, likelihood):
     for est in ("mc", "analytic"):
         cfg = ObjectiveConfig(estimator=est, num_samples=4)
         with torch.no_grad():
-            means[est] = repeated(lambda: objective_terms(model, fam, x, idx, num_data=x.shape[0], config=cfg,
-                                                          generator=g).value, 1500)
+            means[est] = repeated(lambda cfg=cfg: objective_terms(model, fam, x, idx, num_data=x.shape[0], config=cfg,
+                                                                  generator=g).value, 1500)
     (m1, s1), (m2, s2) = means["mc"], means["analytic"]
     assert abs(m1 - m2) < 3 * math.hypot(s1, s2), means
 
@@ -98,7 +98,8 @@ def test_minibatch_estimate_is_unbiased_for_the_full_data_elbo(scheme, family):
     mini_cfg = ObjectiveConfig(estimator="mc", local_terms=scheme, num_samples=2)
     idx = torch.arange(n)
     with torch.no_grad():
-        full = repeated(lambda: objective_terms(model, fam, x, idx, num_data=n, config=full_cfg, generator=g).value, 1500)
+        full = repeated(lambda: objective_terms(model, fam, x, idx, num_data=n, config=full_cfg, generator=g).value,
+                        1500)
 
         def mini():
             rows = torch.randperm(n, generator=g)[:b]
@@ -319,7 +320,8 @@ def test_last_layer_fused_with_the_gaussian_likelihood_matches_the_plain_express
         fused = dens.gaussian_log_likelihood_of_affine_mean(h, w, b, x, 0.3)
         plain = dens.gaussian_log_likelihood(x, h @ w.T + b, 0.3).sum()
         assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
-        for got, want in zip(torch.autograd.grad(scale * fused, (h, w, b)), torch.autograd.grad(scale * plain, (h, w, b))):
+        for got, want in zip(torch.autograd.grad(scale * fused, (h, w, b)),
+                             torch.autograd.grad(scale * plain, (h, w, b))):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     # Only the inputs that need a gradient get one (a frozen decoder: h alone).
     (g_h,) = torch.autograd.grad(dens.gaussian_log_likelihood_of_affine_mean(h, w.detach(), b.detach(), x, 0.3), h)

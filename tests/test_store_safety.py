@@ -163,7 +163,8 @@ def test_an_unreadable_checkpoint_cannot_fail_a_run_twice(tmp_path):
 
 
 def test_diverging_test_time_inference_fails_the_run_loudly():
-    from amortized_bayes.config import DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig, TrainConfig
+    from amortized_bayes.config import (DataConfig, family_config, LocalInferenceConfig, ModelConfig, RunConfig,
+                                        TrainConfig)
     from amortized_bayes.training import NonFiniteEvaluationError, TrainingData, fit
 
     g = torch.Generator().manual_seed(0)
