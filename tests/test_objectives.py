@@ -257,6 +257,28 @@ def test_flat_theta_draws_and_gradients_match_a_per_tensor_reference(num_samples
     torch.testing.assert_close(prior_a + entropy_a, -want_kl)
 
 
+def test_theta_terms_of_a_draw_given_tensor_by_tensor_equal_those_of_the_flat_draw():
+    """A ThetaDraw need not carry the flat (S, P) matrices (a decoder or objective written outside the
+    package may give only the per-tensor values and noise): its Monte Carlo theta terms are then the
+    same, and without its noise they refuse with the reason."""
+    from amortized_bayes.model import ThetaDraw
+
+    model, _, _ = small_setup("amortized")
+    with torch.no_grad():
+        model.theta_log_scale.uniform_(-2, 0, generator=torch.Generator().manual_seed(1))
+    S = 3
+    flat_draw = model.sample(S, torch.Generator().manual_seed(5))
+    assert flat_draw.flat is not None and flat_draw.eps_flat is not None
+    per_tensor = ThetaDraw([v.clone() for v in flat_draw.values], [e.clone() for e in flat_draw.eps])
+    want = objectives.ELBO().theta_terms(model, flat_draw, "mc")
+    got = objectives.ELBO().theta_terms(model, per_tensor, "mc")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-3)
+    # Only the values, no noise: no entropy estimate can be formed.
+    with pytest.raises(AssertionError, match="theta_terms needs the noise of a reparameterised draw"):
+        objectives.ELBO().theta_terms(model, ThetaDraw(per_tensor.values, None), "mc")
+
+
 def test_checkpoints_with_per_tensor_theta_still_load():
     """Models saved before q(theta) was stored flat hold loc.0, loc.1, ... and log_scale.0, ..."""
     model, _, _ = small_setup("amortized")
