@@ -268,3 +268,31 @@ def test_the_elbo_verdict_at_its_margins_and_partly_supported_across_widths():
     # Narrow widths do not count: k = 16 reaching does not make up for k = 64 missing.
     verdict, _ = _elbo_verdict((128.0, f_mse), {16: (128.0, f_mse), 64: (128.0 * 1.05, f_mse)})
     assert verdict.verdict == "not supported" and "k=16" not in verdict.why
+
+
+def test_the_speed_verdict_at_2x_and_with_a_width_whose_speed_up_is_unknown():
+    """'Supported' needs every wide width's interval at or above 2x (exactly 2x included; 2.3x is enough);
+    a width whose speed-up nothing bounds is named and skipped, not the end of the reading."""
+    reach = lambda t: [(0, 0.0, 0.2), (10, t, 0.04)]  # noqa: E731 - reaches 0.05 at t seconds
+    stall = lambda t: [(0, 0.0, 0.2), (10, t, 0.08)]  # noqa: E731 - never reaches it, ran t seconds
+    assert _speed_verdict(_results([reach(4), reach(4)], [reach(2), reach(2)])).verdict == "supported"
+    assert _speed_verdict(_results([reach(5), reach(5.5)], [reach(2), reach(2.2)])).verdict == "supported"
+    assert _speed_verdict(_results([reach(3.9), reach(3.9)], [reach(2), reach(2)])).verdict.startswith("partly")
+    # F-VI never reaches the tolerance: k = 64, which does, has a lower bound; k = 128, which does not,
+    # has nothing.
+    results = _results([stall(50), stall(60)], [reach(2), reach(2.5)])
+    results.groups["mnist"]["A-VI k=128"] = [_run(family_config(width=128), s, stall(30), 100.0) for s in range(2)]
+    verdict = _speed_verdict(results)
+    assert verdict.verdict == "supported"
+    parts = verdict.why.rstrip(".").split("; ")
+    assert len(parts) == 2 and sorted(p.split(":")[0] for p in parts) == ["A-VI k=128", "A-VI k=64"]
+    assert "A-VI k=128: neither A-VI's nor F-VI's median reached train_mse <= 0.05" in parts
+
+
+def test_a_grid_tolerance_without_a_metric_is_on_the_train_mse():
+    """grid.json files written before the tolerance named its metric hold only {dataset: value}."""
+    assert Results(Path("."), {"tolerance": {"mnist": 0.05}}).tolerance("mnist") == ("train_mse", 0.05)
+    assert Results(Path("."), {}).tolerance("mnist") == ("train_mse", None)
+    assert Results(Path("."), {"tolerance": None}).tolerance("mnist") == ("train_mse", None)
+    on_test = Results(Path("."), {"tolerance": {"metric": "test_mse", "mnist": 0.1}})
+    assert on_test.tolerance("mnist") == ("test_mse", 0.1)
