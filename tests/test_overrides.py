@@ -129,3 +129,45 @@ def test_a_selection_no_run_meets_or_of_an_unknown_field_is_one_clear_error():
         select_runs(configs, {"family.name": "factorized", "family.width": 64})
     with pytest.raises(ConfigError, match=r"^--only 'train\.seed': expected KEY=VALUE"):
         parse_overrides(["train.seed"], flag="--only")
+
+
+def test_a_grid_file_reads_the_same_in_each_format_and_names_what_is_wrong(tmp_path, monkeypatch):
+    """One grid written as TOML, JSON and YAML (either YAML suffix, any case) is one grid; a file of
+    another kind, one that cannot be read, one that is not text, and YAML without PyYAML are each
+    refused with a message that names the file and the reason."""
+    import sys
+
+    from amortized_bayes.experiments.grid import load_grid_file
+
+    texts = {
+        ".toml": 'name = "formats"\n[base.train]\nepochs = 3\n[axes]\n"train.seed" = [0, 1]\n',
+        ".json": '{"name": "formats", "base": {"train": {"epochs": 3}}, "axes": {"train.seed": [0, 1]}}',
+        ".yaml": "name: formats\nbase:\n  train:\n    epochs: 3\naxes:\n  train.seed: [0, 1]\n",
+    }
+    texts.update({".yml": texts[".yaml"], ".JSON": texts[".json"], ".YML": texts[".yaml"], ".Toml": texts[".toml"]})
+    grids = {}
+    for suffix, text in texts.items():
+        path = tmp_path / f"grid{suffix}"
+        path.write_text(text)
+        grids[suffix] = load_grid_file(path).to_dict()
+    assert all(g == grids[".toml"] for g in grids.values()) and grids[".toml"]["name"] == "formats"
+    assert grids[".toml"]["base"]["train"]["epochs"] == 3 and grids[".toml"]["axes"] == {"train.seed": [0, 1]}
+
+    other = tmp_path / "grid.txt"
+    other.write_text(texts[".toml"])
+    with pytest.raises(ConfigError) as err:
+        load_grid_file(other)
+    assert str(err.value) == f"{other}: grid files are .toml, .json or .yaml"
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as err:
+        load_grid_file(missing)
+    assert str(err.value) == f"{missing}: cannot read the grid file (No such file or directory)"
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00grid")
+    with pytest.raises(ConfigError) as err:
+        load_grid_file(binary)
+    assert str(err.value).startswith(f"{binary}: cannot read the grid file ('utf-8' codec can't decode byte 0xff")
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if PyYAML were not installed
+    with pytest.raises(ConfigError) as err:
+        load_grid_file(tmp_path / "grid.yaml")
+    assert str(err.value) == f"{tmp_path / 'grid.yaml'}: YAML grid files need PyYAML (pip install pyyaml), or use TOML"
