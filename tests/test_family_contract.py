@@ -128,6 +128,7 @@ def _cli(*args, cwd=None, env=None):
     return proc
 
 
+@pytest.mark.processes
 def test_the_example_family_runs_end_to_end_in_worker_processes_then_gap_and_report(tmp_path):
     """`run examples/hybrid.toml` trains the plugin's family in worker processes (which import it from the
     path its config records), then `gap` and `report` read it in their own processes."""
@@ -158,6 +159,7 @@ def test_the_example_family_runs_end_to_end_in_worker_processes_then_gap_and_rep
     assert "| AF-VI k=64 |" in report and "| A-VI k=64 |" in report and "| F-VI |" in report
 
 
+@pytest.mark.processes
 def test_a_family_is_found_through_an_entry_point(tmp_path):
     """An installed distribution that declares a module in the amortized_bayes.plugins group: a fresh
     interpreter (as a worker is) finds its family by name without being told about the module."""

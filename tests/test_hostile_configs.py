@@ -99,6 +99,7 @@ def test_a_missing_grid_file_is_refused(tmp_path):
     ["--preset", "quick", "--set", "data.dataset=5"],
     ["GRID_MISSING"],
 ])
+@pytest.mark.processes
 def test_the_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, args):
     args = [str(tmp_path / "missing.toml") if a == "GRID_MISSING" else a for a in args]
     out = tmp_path / "o" / "out"

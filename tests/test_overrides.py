@@ -139,10 +139,12 @@ def test_a_grid_file_reads_the_same_in_each_format_and_names_what_is_wrong(tmp_p
 
     from amortized_bayes.experiments.grid import load_grid_file
 
+    # 1e-3 is a number in TOML and JSON but a string to PyYAML (YAML 1.1 wants 1.0e-3): each file must
+    # go to its own parser.
     texts = {
-        ".toml": 'name = "formats"\n[base.train]\nepochs = 3\n[axes]\n"train.seed" = [0, 1]\n',
-        ".json": '{"name": "formats", "base": {"train": {"epochs": 3}}, "axes": {"train.seed": [0, 1]}}',
-        ".yaml": "name: formats\nbase:\n  train:\n    epochs: 3\naxes:\n  train.seed: [0, 1]\n",
+        ".toml": 'name = "formats"\n[base.train]\nepochs = 3\nlr = 1e-3\n[axes]\n"train.seed" = [0, 1]\n',
+        ".json": '{"name": "formats", "base": {"train": {"epochs": 3, "lr": 1e-3}}, "axes": {"train.seed": [0, 1]}}',
+        ".yaml": "name: formats\nbase:\n  train:\n    epochs: 3\n    lr: 0.001\naxes:\n  train.seed: [0, 1]\n",
     }
     texts.update({".yml": texts[".yaml"], ".JSON": texts[".json"], ".YML": texts[".yaml"], ".Toml": texts[".toml"]})
     grids = {}
@@ -151,7 +153,8 @@ def test_a_grid_file_reads_the_same_in_each_format_and_names_what_is_wrong(tmp_p
         path.write_text(text)
         grids[suffix] = load_grid_file(path).to_dict()
     assert all(g == grids[".toml"] for g in grids.values()) and grids[".toml"]["name"] == "formats"
-    assert grids[".toml"]["base"]["train"]["epochs"] == 3 and grids[".toml"]["axes"] == {"train.seed": [0, 1]}
+    assert grids[".toml"]["base"]["train"] == {"epochs": 3, "lr": 0.001}
+    assert grids[".toml"]["axes"] == {"train.seed": [0, 1]}
 
     other = tmp_path / "grid.txt"
     other.write_text(texts[".toml"])
