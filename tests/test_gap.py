@@ -470,6 +470,14 @@ def test_the_per_theta_helpers_average_image_by_image_and_read_curves_as_written
     assert _finite_list(torch.tensor([1.5, float("nan"), -float("inf")])) == [1.5, None, None]
 
 
+def _orthogonal_model(images: int):
+    """A 4-pixel, 2-latent linear-Gaussian model whose W has orthogonal columns (so its exact posterior is
+    mean-field), its decoder without gradients, and ``images`` images drawn from it (seed 0)."""
+    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, -0.5]])
+    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3, 0.0]), 0.5)
+    return model, model.decoder().requires_grad_(False), model.sample(images, torch.Generator().manual_seed(0))
+
+
 def test_gaps_per_image_counts_clamped_images_and_averages_ais_when_asked():
     """log sigma outside LOG_SIGMA_RANGE = [-20, 20] is clamped, and each image with any such unit is
     counted once (the ends themselves are inside); with an AIS configuration the AIS evidence is
@@ -478,10 +486,7 @@ def test_gaps_per_image_counts_clamped_images_and_averages_ais_when_asked():
     from amortized_bayes.gap import LOG_SIGMA_RANGE, GapConfig, gaps_per_image
 
     assert LOG_SIGMA_RANGE == (-20.0, 20.0)
-    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, -0.5]])
-    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3, 0.0]), 0.5)
-    decoder = model.decoder().requires_grad_(False)
-    x = model.sample(5, torch.Generator().manual_seed(0))
+    model, decoder, x = _orthogonal_model(5)
     mu = model.posterior_mean(x)
     ls = 0.5 * model.meanfield_var().log().expand_as(mu).clone()
     config = GapConfig(images=5, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
@@ -514,10 +519,7 @@ def test_measure_gap_reports_its_settings_and_what_each_families_own_inference_c
     from amortized_bayes.families import FactorizedFamily, build_family
     from amortized_bayes.gap import GapConfig, measure_gap
 
-    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0], [0.0, -0.5]])
-    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3, 0.0]), 0.5)
-    decoder = model.decoder().requires_grad_(False)
-    x = model.sample(6, torch.Generator().manual_seed(0))
+    model, decoder, x = _orthogonal_model(6)
     run_config = RunConfig(train=TrainConfig(test_inference=LocalInferenceConfig(max_steps=7, rtol=0.0)))
     config = GapConfig(images=6, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
                        curve_steps=(0,))
@@ -573,10 +575,7 @@ def test_measure_gap_reports_the_mean_ais_seconds_over_theta_draws(monkeypatch):
     from amortized_bayes.families import FactorizedFamily
     from amortized_bayes.gap import GapConfig, measure_gap
 
-    W = torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]])
-    model = lg.LinearGaussian(W, torch.tensor([0.1, -0.2, 0.3]), 0.5)
-    decoder = model.decoder().requires_grad_(False)
-    x = model.sample(4, torch.Generator().manual_seed(0))
+    _, decoder, x = _orthogonal_model(4)
     real, seconds = gap_module._gap_at_theta, iter([1.0, 2.0, 3.0])
 
     def with_known_seconds(*args, **kwargs):
@@ -599,9 +598,7 @@ def test_both_local_optimisations_record_their_curves_with_the_configured_draws(
     import amortized_bayes.gap as gap_module
     from amortized_bayes.gap import GapConfig, _gap_at_theta
 
-    model = lg.LinearGaussian(torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]), torch.zeros(3), 0.5)
-    decoder = model.decoder().requires_grad_(False)
-    x = model.sample(3, torch.Generator().manual_seed(0))
+    _, decoder, x = _orthogonal_model(3)
     calls, real = [], gap_module.optimise_local
 
     def spy(*args, **kwargs):
@@ -623,9 +620,7 @@ def test_gaps_per_image_are_a_function_of_their_generator_alone():
     generator: the same seed gives the same numbers bit for bit whatever torch's global RNG holds."""
     from amortized_bayes.gap import GapConfig, gaps_per_image
 
-    model = lg.LinearGaussian(torch.tensor([[1.0, 0.0], [0.0, 0.5], [1.0, 0.0]]), torch.zeros(3), 0.5)
-    decoder = model.decoder().requires_grad_(False)
-    x = model.sample(4, torch.Generator().manual_seed(0))
+    _, decoder, x = _orthogonal_model(4)
     mu, ls = torch.zeros(4, 2), torch.zeros(4, 2)
     config = GapConfig(images=4, elbo_samples=4, iwae_samples=8, optim=LocalOptimConfig(max_steps=3),
                        curve_steps=(0,), ais=AISConfig(chains=3, steps=3, leapfrog=2))
