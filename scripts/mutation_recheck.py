@@ -11,6 +11,11 @@ test) or survives.
 
     python scripts/mutation_recheck.py tests/test_gap.py                     # every survivor, one file
     python scripts/mutation_recheck.py tests/test_gap.py -k ais --only 'amortized_bayes.gap.x_ais*'
+    python scripts/mutation_recheck.py tests/test_gap.py --any-state --only 'amortized_bayes.gap.x__stats*'
+
+``--any-state`` takes every generated mutant the glob matches, checked or not: after ``mutmut run`` was
+stopped once its mutants were generated, it checks new tests against a function's mutants without
+waiting for the whole run.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ def main() -> None:
     parser.add_argument("tests", nargs="+", help="test files of this work tree to run against each mutant")
     parser.add_argument("--only", default="*", help="a glob of mutant names (default: every survivor)")
     parser.add_argument("--mutants", type=Path, default=Path("mutants"), help="mutmut's folder (default mutants)")
+    parser.add_argument("--any-state", action="store_true",
+                        help="every mutant the glob matches, not only survivors (e.g. none checked yet)")
     parser.add_argument("-k", default=None, help="pytest's -k expression, to run some tests of the files only")
     args = parser.parse_args()
-    names = [n for n in survivors(args.mutants) if fnmatch.fnmatchcase(n, args.only)]
+    names = [n for n in survivors(args.mutants, args.any_state) if fnmatch.fnmatchcase(n, args.only)]
     if not names:
-        raise SystemExit(f"no surviving mutant matches {args.only!r} under {args.mutants}/")
+        which = "mutant" if args.any_state else "surviving mutant"
+        raise SystemExit(f"no {which} matches {args.only!r} under {args.mutants}/")
     extra = ["-k", args.k] if args.k else []
     # The tests must pass on the unmutated copy, or every mutant would look killed.
     baseline = recheck("", args.tests, args.mutants, extra)

@@ -43,11 +43,14 @@ def module_results(root: Path) -> dict[str, Counter]:
     return out
 
 
-def survivors(root: Path) -> list[str]:
+def survivors(root: Path, any_state: bool = False) -> list[str]:
+    """The names of the mutants mutmut left alive (survived, suspicious, timed out), or with
+    ``any_state`` every mutant it generated, whatever its state (checked or not)."""
     names = []
     for meta in sorted(root.rglob("*.py.meta")):
         codes = exit_codes(meta)
-        names += [name for name, code in codes.items() if status(code) in ("survived", "suspicious", "timeout")]
+        names += [name for name, code in codes.items()
+                  if any_state or status(code) in ("survived", "suspicious", "timeout")]
     return names
 
 

@@ -3,6 +3,7 @@ is either a valid config or refused with one ConfigError naming the field, befor
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -108,3 +109,78 @@ def test_the_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, args):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ([] if args[0] != str(tmp_path / "missing.toml") else [])
+
+
+def _grid_file(folder, name, text):
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("g.toml", "zeta = 1\nalpha = 2\nname = 'g'",
+     "unknown top-level key 'alpha' (known: name, description, base, axes, variants, tolerance, plugins)"),
+    ("g.json", "[1, 2]", "a grid file must hold a table (name, base, axes, variants, tolerance), got list"),
+    ("g.json", '"text"', "a grid file must hold a table (name, base, axes, variants, tolerance), got str"),
+    ("g.toml", 'axes = ["train.seed"]', "axes must be a table (dotted field = [values]), got list"),
+    ("g.toml", '[axes]\n"train.seed" = []', "axes.train.seed must be a non-empty list"),
+    ("g.toml", '[axes]\n"train.seed" = 3', "axes.train.seed must be a non-empty list"),
+    ("g.toml", 'plugins = "family.py"', "plugins must be a list of file paths or module names, got 'family.py'"),
+    ("g.json", '{"base": {"plugins": "family.py"}}',
+     "plugins must be a list of file paths or module names, got 'family.py'"),
+    ("g.json", '{"plugins": ["json"], "base": 3}', "base must be a table of config fields, got 3"),
+])
+def test_each_refusal_of_a_grid_file_names_the_file_and_says_what_is_wrong(tmp_path, name, text, message):
+    path = _grid_file(tmp_path, name, text)
+    with pytest.raises(ConfigError) as refused:
+        load_grid_file(path)
+    assert str(refused.value) == f"{path}: {message}"
+
+
+def test_an_unknown_axis_field_is_refused_by_its_name_before_any_run_is_made(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        load_grid_file(_grid_file(tmp_path, "g.toml", '[axes]\n"train.seed" = [0]\n"train.nope" = [1]'))
+    assert str(refused.value) == "train.nope: unknown field"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("base", [1], "base must be a table of config fields, got [1]"),
+    ("axes", [1], "axes must be a table (dotted field = [values]), got [1]"),
+    ("variants", {"family": {}}, "variants must be a list of tables, got {'family': {}}"),
+    ("variants", [{}, 1], "variants must be a list of tables, got [{}, 1]"),
+    ("tolerance", [1], "tolerance must be a table, got [1]"),
+])
+def test_a_grid_refuses_a_part_of_the_wrong_kind_by_the_grid_and_part_names(field, value, message):
+    with pytest.raises(ConfigError) as refused:
+        Grid(name="g", **{field: value})
+    assert str(refused.value) == f"grid g: {message}"
+
+
+def test_a_grid_file_without_name_and_parts_takes_its_file_name_and_the_defaults(tmp_path):
+    grid = load_grid_file(_grid_file(tmp_path, "my grid (v2).toml", ""))
+    assert (grid.name, grid.base, grid.axes, grid.variants, grid.description, grid.tolerance) == (
+        "my-grid-v2", {}, {}, [], "", {"metric": "train_mse"})
+    assert load_grid_file(_grid_file(tmp_path, "-.x-.toml", "")).name == "x"
+    assert load_grid_file(_grid_file(tmp_path, "(((.json", "{}")).name == "grid"
+    named = load_grid_file(_grid_file(tmp_path, "file.toml", 'name = "chosen"\ndescription = "what it is"\n'
+                                      '[tolerance]\nmetric = "train_mse"\nmnist = 0.05\n'
+                                      '[[variants]]\nfamily = { name = "amortized", width = 4 }\n'
+                                      '[[variants]]\nfamily = { name = "factorized" }'))
+    assert (named.name, named.description, named.tolerance, named.variants) == (
+        "chosen", "what it is", {"metric": "train_mse", "mnist": 0.05},
+        [{"family": {"name": "amortized", "width": 4}}, {"family": {"name": "factorized"}}])
+    assert [c.family.name for c in named.expand()] == ["amortized", "factorized"]
+
+
+def test_plugins_of_a_grid_file_and_of_its_base_are_found_beside_it_in_that_order(tmp_path):
+    folder = tmp_path / "grids"
+    folder.mkdir()
+    first = _grid_file(folder, "first_plugin.py", "LOADED = True\n")
+    second = _grid_file(folder, "second_plugin.py", "LOADED = True\n")
+    grid = load_grid_file(_grid_file(folder, "g.json", json.dumps(
+        {"plugins": ["first_plugin.py"], "base": {"plugins": ["./second_plugin.py"], "train": {"epochs": 2}}})))
+    assert grid.base == {"plugins": [str(first.resolve()), str(second.resolve())], "train": {"epochs": 2}}
+    [config] = grid.expand()
+    assert config.plugins == (str(first.resolve()), str(second.resolve())) and config.train.epochs == 2
+    only_base = load_grid_file(_grid_file(folder, "h.json", json.dumps({"base": {"plugins": ["json"]}})))
+    assert only_base.base == {"plugins": ["json"]}
