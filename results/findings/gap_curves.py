@@ -22,6 +22,7 @@ from amortized_bayes.analysis import method_of
 from amortized_bayes.experiments.store import ResultStore
 
 STEPS = (1, 5, 10, 50, 200)
+FAMILY_ORDER = {"amortized": 0, "semi-amortized": 1, "factorized": 2, "constant": 3}  # the report's order
 
 
 def share_closed(split: dict, steps: int) -> float | None:
@@ -47,6 +48,8 @@ def rows(root: Path) -> list[dict]:
             scratch = split.get("scratch_to_family_elbo")
             out.append({
                 "dataset": record.config.data.label, "method": str(method_of(record.config)),
+                "order": (FAMILY_ORDER.get(record.config.family.name, len(FAMILY_ORDER)),
+                          getattr(record.config.family, "width", 0)),
                 "seed": record.config.train.seed, "split": name,
                 "gap": split["amortization_gap"]["mean"], "gap_se": split["amortization_gap"]["se"],
                 "shares": {k: share_closed(split, k) for k in STEPS},
@@ -72,7 +75,7 @@ def main() -> None:
           + " | ".join(f"closed by {k} step{'s' * (k > 1)}" for k in STEPS)
           + " | from the prior to the family's ELBO: steps, ms per image | q* from the prior, ms per image |")
     print("|" + "---|" * (7 + len(STEPS)))
-    for r in sorted(table, key=lambda r: (r["dataset"], r["method"], r["seed"], r["split"] != "train")):
+    for r in sorted(table, key=lambda r: (r["dataset"], r["order"], r["method"], r["seed"], r["split"] != "train")):
         shares = " | ".join(_cell(s and 100 * s, ".0f") + ("%" if s is not None else "") for s in r["shares"].values())
         scratch = ("not reached" if r["scratch_steps"] is None
                    else f"{r['scratch_steps']:.0f}, {r['scratch_ms_per_image']:.0f}")
