@@ -60,10 +60,6 @@ def rows(root: Path) -> list[dict]:
     return out
 
 
-def _cell(value: float | None, form: str) -> str:
-    return "-" if value is None else format(value, form)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path)
@@ -76,7 +72,7 @@ def main() -> None:
           + " | from the prior to the family's ELBO: steps, ms per image | q* from the prior, ms per image |")
     print("|" + "---|" * (7 + len(STEPS)))
     for r in sorted(table, key=lambda r: (r["dataset"], r["order"], r["method"], r["seed"], r["split"] != "train")):
-        shares = " | ".join(_cell(s and 100 * s, ".0f") + ("%" if s is not None else "") for s in r["shares"].values())
+        shares = " | ".join("-" if s is None else f"{100 * s:.0f}%" for s in r["shares"].values())
         scratch = ("not reached" if r["scratch_steps"] is None
                    else f"{r['scratch_steps']:.0f}, {r['scratch_ms_per_image']:.0f}")
         print(f"| {r['dataset']} | {r['method']} | {r['seed']} | {r['split']} | {r['gap']:.1f} ± {r['gap_se']:.1f} | "
