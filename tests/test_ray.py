@@ -278,24 +278,29 @@ def test_a_killed_driver_resumes_from_the_checkpoints_its_tasks_streamed_back(cl
     """Checkpoints reach the driver's store while a task runs; after the driver is SIGKILLed, a new
     driver resumes the run from there and ends with the numbers of an uninterrupted local run."""
     grid = tmp_path / "grid.toml"
-    grid.write_text(GRID.format(epochs=150))
-    # An evaluation every 10 epochs, not 2: the evaluations (F-VI's test-time inference) were most of
-    # this test's 300 s, and a run still takes seconds, so the driver is killed mid-run.
-    args = ["run", str(grid), "--set", "family.name=factorized", "--set", "train.eval_every=10",
+    # The run must outlast the way of its first checkpoint to the driver's store (saved after 0.5 s,
+    # forwarded within 1 s, drained within 2 s): at 150 epochs it trained for 0.5 s, and CI once saw
+    # it finish before any checkpoint had arrived. 3,000 epochs train for ~9 s here; an evaluation
+    # every 300 keeps F-VI's test-time inference from dominating.
+    grid.write_text(GRID.format(epochs=3000))
+    args = ["run", str(grid), "--set", "family.name=factorized", "--set", "train.eval_every=300",
             "--checkpoint-every", "0.5"]
     out = tmp_path / "ray"
-    driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", *args, "--out", str(out), "--executor", "ray",
-                               "--address", cluster.address], env=cluster.driver_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver_log = tmp_path / "driver.log"
+    with open(driver_log, "wb") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "amortized_bayes", *args, "--out", str(out),
+                                   "--executor", "ray", "--address", cluster.address], env=cluster.driver_env,
+                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline:
+        while time.time() < deadline and driver.poll() is None:
             states = list(out.glob("runs/*/state.pt"))
-            if states and json.loads((states[0].parent / "status.json").read_text()).get("epochs_done", 0) >= 20:
+            if states and json.loads((states[0].parent / "status.json").read_text()).get("epochs_done", 0) >= 1:
                 break
-            time.sleep(0.3)
+            time.sleep(0.2)
         else:
-            pytest.fail("no checkpoint reached the driver's store")
+            pytest.fail(f"no checkpoint reached the driver's store (driver exit code {driver.poll()}):\n"
+                        + driver_log.read_text())
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
     finally:
