@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from amortized_bayes.analysis import bootstrap_ratio_ci
+from amortized_bayes.data.atomic import atomic_write_bytes
 from amortized_bayes.config import family_config, ModelConfig, ObjectiveConfig, RunConfig
 from amortized_bayes.evaluation import full_data_negative_elbo
 from amortized_bayes.families import build_family
@@ -234,6 +236,37 @@ def test_atomic_write_is_never_seen_half_written_even_under_sigkill(tmp_path):
         data = path.read_bytes()
         assert len(data) == size and data.count(data[:1]) == size
         assert reads > 5
+
+
+def test_a_writer_killed_before_the_rename_leaves_only_a_part_file_the_store_sweeps(tmp_path, monkeypatch):
+    """The temporary file is a ``.<name>.*.part`` file in the target's own folder (made if missing):
+    the rename then stays within one file system, and what a writer killed before the rename leaves
+    is exactly what the store's sweep removes. The kill is played by a rename that never happens."""
+    from amortized_bayes.experiments.store import remove_stale_parts
+
+    target = tmp_path / "runs" / "a-run" / "status.json"  # neither folder exists yet
+    renames = []
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((Path(src), Path(dst))))
+    atomic_write_bytes(target, b"never renamed")
+    ((part, dst),) = renames
+    assert dst == target and part.parent == target.parent
+    assert part.name.startswith(".status.json.") and part.name.endswith(".part")
+    assert part.read_bytes() == b"never renamed"
+    assert not target.exists()
+    assert remove_stale_parts(target.parent) == [part] and list(target.parent.iterdir()) == []
+
+
+def test_a_failed_rename_raises_its_own_error_and_leaves_the_old_file_and_no_litter(tmp_path, monkeypatch):
+    target = tmp_path / "evals.jsonl"
+    target.write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise PermissionError("rename refused")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(PermissionError, match="rename refused"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["evals.jsonl"]
 
 
 def test_the_test_images_elbo_is_their_closed_form_local_elbo_and_draws_nothing_from_training():
