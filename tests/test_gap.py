@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from amortized_bayes.gap import (AISConfig, LocalOptimConfig, ais_log_evidence, elbo_per_image, iwae_log_evidence,
-                                 optimise_local, sigmoid_schedule)
+from amortized_bayes.gap import (AISConfig, GapConfig, LocalOptimConfig, ais_log_evidence, elbo_per_image,
+                                 iwae_log_evidence, optimise_local, sigmoid_schedule)
 from amortized_bayes.model import ThetaDraw
 
 from . import linear_gaussian as lg
@@ -265,6 +265,22 @@ def test_ais_settings_are_checked_and_each_one_is_used():
     out = ais_log_evidence(decoder32, x.float(), z32, z32, decoder32.mean(), AISConfig(chains=4, steps=3),
                            torch.Generator().manual_seed(0))
     assert out["log_px"].dtype == torch.float32 and out["log_weights"].dtype == torch.float64
+
+
+def test_gap_settings_are_checked_at_each_bound():
+    """One image, one draw for the ELBO and for IWAE, no extra theta draws and either split alone are
+    valid; one less of any, or a split list that is empty or names another split, is one clear error."""
+    for good in ({}, {"images": 1, "elbo_samples": 1, "iwae_samples": 1, "theta_draws": 0},
+                 {"splits": ("train",)}, {"splits": ("test",)}):
+        GapConfig(**good)
+    counts = r"^images, elbo_samples and iwae_samples must be >= 1 and theta_draws >= 0$"
+    for bad in ({"images": 0}, {"elbo_samples": 0}, {"iwae_samples": 0}, {"theta_draws": -1}):
+        with pytest.raises(ValueError, match=counts):
+            GapConfig(**bad)
+    for splits in ((), ("train", "valid")):
+        with pytest.raises(ValueError) as info:
+            GapConfig(splits=splits)
+        assert str(info.value) == f"splits must be a non-empty subset of ('train', 'test'), got {splits}"
 
 
 def test_ais_diagnostics_and_schedule():
