@@ -438,6 +438,72 @@ def test_the_training_loss_is_minus_the_objective_at_the_same_draws(scheme):
     assert not torch.equal(loss, other)
 
 
+def _closed_form_local_terms(mu, log_sigma):
+    """(E log p(z), E[-log q(z)]) summed over the rows of q = N(mu, sigma^2), from torch.distributions."""
+    q = Normal(mu, log_sigma.exp())
+    entropy = q.entropy().sum()
+    return -kl_divergence(q, Normal(0.0, 1.0)).sum() - entropy, entropy
+
+
+@pytest.mark.parametrize("family", ["factorized", "amortized", "semi-amortized"])
+def test_analytic_local_terms_cover_every_image_with_all_and_the_scaled_batch_otherwise(family):
+    """With the closed-form estimator the local terms are known exactly: local_terms="all" gives those
+    of every one of the N images, whichever batch the step has (SA-VI's q refined with the step's own
+    generator); "batch" gives N/B times those of the batch's rows."""
+    model, fam, x = small_setup(family, refine_steps=2) if family == "semi-amortized" else small_setup(family)
+    n, all_rows = x.shape[0], torch.arange(x.shape[0])
+    with torch.no_grad():
+        for scheme in ("all", "batch"):
+            cfg = ObjectiveConfig(estimator="analytic", local_terms=scheme, num_samples=2)
+            for rows in (torch.tensor([3, 0, 7, 5]), torch.tensor([11, 2])):
+                terms = objective_terms(model, fam, x[rows], rows, num_data=n, config=cfg,
+                                        generator=torch.Generator().manual_seed(8), x_all=x)
+                # What the step does before the local terms: theta drawn, then the refinement (if any)
+                # drawing from the same generator.
+                g = torch.Generator().manual_seed(8)
+                model.sample(2, g)
+                refine = objectives.make_local_elbo(model, 1, g) if fam.refines_locally else None
+                if scheme == "all":
+                    expected = _closed_form_local_terms(*fam.local_params(x, all_rows, refine))
+                else:
+                    expected = [t * (n / len(rows)) for t in _closed_form_local_terms(*fam.local_params(x[rows], rows,
+                                                                                                     refine))]
+                torch.testing.assert_close(terms.log_prior_z, expected[0], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(terms.entropy_z, expected[1], rtol=1e-6, atol=1e-6)
+            if fam.refines_locally:  # the refinement is not a no-op here
+                unrefined = _closed_form_local_terms(*fam.local_params(x, all_rows, None))
+                assert abs(float(unrefined[1] - expected[1])) > 1e-3
+
+
+def test_local_terms_all_refuses_a_step_without_every_image():
+    model, fam, x = small_setup("amortized")
+    cfg = ObjectiveConfig(local_terms="all")
+    rows = torch.tensor([1, 2])
+    for x_all in (None, x[:-1]):
+        with pytest.raises(ValueError) as info:
+            objective_terms(model, fam, x[rows], rows, num_data=x.shape[0], config=cfg, x_all=x_all)
+        assert str(info.value) == "local_terms='all' needs x_all with every one of the num_data images"
+
+
+@pytest.mark.parametrize("scheme", ["batch", "all"])
+def test_a_full_batch_without_rows_is_the_batch_of_rows_0_to_n(scheme):
+    model, fam, x = small_setup("factorized", n=12)
+    cfg = ObjectiveConfig(local_terms=scheme, num_samples=3)
+    values = [objective_terms(model, fam, x, rows, num_data=12, config=cfg, x_all=x,
+                              generator=torch.Generator().manual_seed(2)) for rows in (None, torch.arange(12))]
+    for name in ("log_lik", "log_prior_z", "entropy_z", "log_prior_theta", "entropy_theta"):
+        assert torch.equal(getattr(values[0], name), getattr(values[1], name)), name
+
+
+def test_theta_drawn_with_its_terms_is_the_draw_of_model_sample_noise_included():
+    """sample_theta_with_terms' draw is model.sample's, with the noise that ``theta_terms`` reads."""
+    model, _, _ = small_setup()
+    fused, _, _ = objectives.sample_theta_with_terms(model, 3, torch.Generator().manual_seed(4))
+    plain = model.sample(3, torch.Generator().manual_seed(4))
+    assert torch.equal(fused.flat, plain.flat) and torch.equal(fused.eps_flat, plain.eps_flat)
+    assert all(torch.equal(a, b) for a, b in zip(fused.eps, plain.eps, strict=True))
+
+
 @pytest.mark.parametrize("kind", ["elbo", "legacy-2024"])
 def test_analytic_local_terms_are_the_closed_form_whatever_the_draws(kind):
     """estimator="analytic": (E log p(z), E[-log q(z)]) summed over the rows in closed form, from
