@@ -581,3 +581,23 @@ def test_a_speed_up_says_what_censoring_leaves_of_it_and_its_interval_only_when_
     ]
     for speedup, text in cases:
         assert speedup.describe() == text
+
+
+
+def test_reaching_fvi_reads_on_past_a_method_without_a_target_or_a_curve(mixed):
+    """Methods are read in table order (the MLP pair before the conv pair): one without a target (its
+    decoder's F-VI has no final value) or without a curve (its evaluations lost) is left out, and the
+    methods after it are still read."""
+    from amortized_bayes.analysis import fvi_targets
+
+    groups = load_results(mixed).groups["mnist"]
+    for run in groups["F-VI"]:
+        (run.path / "evals.jsonl").write_text("")  # the MLP pair, first in table order, loses its target
+    (conv_avi,) = groups["A-VI k=64, conv decoder"]
+    (conv_avi.path / "evals.jsonl").write_text("")  # read before the conv F-VI, now without a curve
+    (conv_fvi,) = groups["F-VI, conv decoder"]
+    (conv_fvi.path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in _evals([0.2, 0.05], [0, 2])))
+    rows = fvi_targets(load_results(mixed), "mnist")
+    assert [(r.metric, r.margin, str(r.method)) for r in rows] == [
+        (metric, margin, "F-VI, conv decoder") for metric in ("train_mse", "neg_elbo") for margin in (0.01, 0.05)]
+    assert rows[0].target == pytest.approx(0.05 * 1.01) and (rows[0].epochs, rows[0].reached) == (2, 1)
