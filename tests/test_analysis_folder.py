@@ -601,3 +601,10 @@ def test_reaching_fvi_reads_on_past_a_method_without_a_target_or_a_curve(mixed):
     assert [(r.metric, r.margin, str(r.method)) for r in rows] == [
         (metric, margin, "F-VI, conv decoder") for metric in ("train_mse", "neg_elbo") for margin in (0.01, 0.05)]
     assert rows[0].target == pytest.approx(0.05 * 1.01) and (rows[0].epochs, rows[0].reached) == (2, 1)
+    # An F-VI whose last evaluation lacks a metric has no final value of it either: no target.
+    for run in groups["F-VI"]:
+        evals = [{k: v for k, v in e.items() if k != "train_mse"} for e in _evals([0.2, 0.05], [0, 2])]
+        (run.path / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    rows = fvi_targets(load_results(mixed), "mnist")
+    train_mse_rows = [(r.margin, str(r.method)) for r in rows if r.metric == "train_mse"]
+    assert train_mse_rows == [(0.01, "F-VI, conv decoder"), (0.05, "F-VI, conv decoder")]
