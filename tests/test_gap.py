@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -265,6 +266,58 @@ def test_ais_settings_are_checked_and_each_one_is_used():
     out = ais_log_evidence(decoder32, x.float(), z32, z32, decoder32.mean(), AISConfig(chains=4, steps=3),
                            torch.Generator().manual_seed(0))
     assert out["log_px"].dtype == torch.float32 and out["log_weights"].dtype == torch.float64
+
+
+class _ScriptedLocalELBO:
+    """Stands in for gap.elbo_per_image: each optimisation step's loss (minus the summed ELBO) is the next
+    value of ``losses`` (then the last one for ever), with a gradient of 1 per coordinate; an evaluation
+    (run without gradients) returns -steps and logs its number of draws."""
+
+    def __init__(self, losses):
+        self.losses, self.steps, self.record_draws = list(losses), 0, []
+
+    def __call__(self, model, x, mu, log_sigma, theta, num_samples, generator=None):
+        if not torch.is_grad_enabled():
+            self.record_draws.append(num_samples)
+            return torch.full((x.shape[0],), -float(self.steps))
+        loss = self.losses[min(self.steps, len(self.losses) - 1)]
+        self.steps += 1
+        slope = (mu - mu.detach()).sum(-1) + (log_sigma - log_sigma.detach()).sum(-1)
+        return slope - loss / x.shape[0]
+
+
+def test_the_local_optimisation_stops_at_its_plateaus_as_the_rule_says(monkeypatch):
+    """The stopping rule on a scripted loss, windows of 2 steps, rtol 0.25, stop at the 2nd plateau:
+    window means 100, 90 (10 < 0.25 x 100: plateau 1), 60 (30 >= 22.5: none), 45 (15 = 0.25 x 60,
+    not below: none), 40 (5 < 11.25: plateau 2, stop) -> 10 steps, converged. A clock that ticks 1 s
+    per reading makes the optimisation seconds the step count."""
+    from amortized_bayes import gap
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(gap, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    config = LocalOptimConfig(lr=0.1, num_samples=3, window=2, rtol=0.25, decay=0.5, plateaus=2, max_steps=100)
+    script = [100, 100, 80, 100, 60, 60, 45, 45, 41, 39, 1]
+    args = (None, torch.zeros(2, 3), torch.zeros(2, 1), torch.zeros(2, 1), ThetaDraw([torch.zeros(1)], None), config)
+
+    scripted = _ScriptedLocalELBO(script)
+    monkeypatch.setattr(gap, "elbo_per_image", scripted)
+    q = optimise_local(*args, record_at=(0, 4, 10))
+    assert (q.steps, q.converged, q.seconds) == (10, True, 10.0)
+    assert [(c["steps"], c["seconds"], c["elbo_mean"]) for c in q.curve] == [(0, 0.0, 0.0), (4, 4.0, -4.0),
+                                                                              (10, 10.0, -10.0)]
+    assert scripted.record_draws == [256] * 3
+    # Adam with a constant gradient moves each coordinate by the step size: 0.1 for 4 steps, then 0.05.
+    torch.testing.assert_close(q.mu, torch.full((2, 1), 0.7), rtol=0, atol=1e-6)
+
+    # Nothing recorded unless asked; the end recorded once, after the last step asked for.
+    monkeypatch.setattr(gap, "elbo_per_image", _ScriptedLocalELBO(script))
+    assert optimise_local(*args).curve == []
+    monkeypatch.setattr(gap, "elbo_per_image", _ScriptedLocalELBO(script))
+    assert [c["steps"] for c in optimise_local(*args, record_at=(3,)).curve] == [3, 10]
+    # Improving by a quarter per window never plateaus: max_steps ends it, not converged.
+    monkeypatch.setattr(gap, "elbo_per_image", _ScriptedLocalELBO([4.0**(6 - i // 2) for i in range(12)]))
+    q = optimise_local(*args[:-1], LocalOptimConfig(window=2, rtol=0.25, plateaus=1, max_steps=12))
+    assert (q.steps, q.converged) == (12, False)
 
 
 def test_gap_settings_are_checked_at_each_bound():
