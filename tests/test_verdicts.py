@@ -298,3 +298,53 @@ def test_a_grid_tolerance_without_a_metric_is_on_the_train_mse():
     assert Results(Path("."), {"tolerance": None}).tolerance("mnist") == ("train_mse", None)
     on_test = Results(Path("."), {"tolerance": {"metric": "test_mse", "mnist": 0.1}})
     assert on_test.tolerance("mnist") == ("test_mse", 0.1)
+
+
+def test_the_quantile_and_ratio_helpers_at_infinities_and_zeros():
+    """_quantile interpolates linearly, and next to an infinite value (where numpy's interpolation gives
+    inf - inf = NaN, silently here) takes the order statistic on the outer side: the higher one above
+    the median, the lower one at and below it. _ratio: inf / inf is NaN, x / 0 infinite, 0 / 0 one."""
+    import warnings
+
+    from amortized_bayes.analysis import _quantile, _ratio
+
+    inf = math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finite = [1.0, 2.0, 3.0, 5.0]
+        assert _quantile(finite, 0.5) == 2.5 and _quantile(finite, 0.9) == pytest.approx(4.4)
+        assert _quantile([1.0, inf], 0.75) == inf  # NaN by interpolation: the higher neighbour
+        assert _quantile([1.0, inf], 0.5) == 1.0  # at the median: the lower
+        assert _quantile([1.0, inf, inf], 0.25) == 1.0  # below it: the lower
+        assert _quantile([inf, inf], 0.025) == inf
+        assert _ratio(3.0, 2.0) == 1.5 and type(_ratio(3.0, 2.0)) is float
+        assert _ratio(1.0, 0.0) == inf and _ratio(0.0, 0.0) == 1.0 and _ratio(inf, 2.0) == inf
+        assert math.isnan(_ratio(inf, inf)) and _ratio(0.0, inf) == 0.0
+        ratios = _ratio([3.0, 1.0, 0.0, inf], [2.0, 0.0, 0.0, inf])
+        assert ratios[:3].tolist() == [1.5, inf, 1.0] and math.isnan(ratios[3])
+
+
+def test_the_speedup_interval_is_the_seed_0_bootstrap_and_needs_both_families():
+    """With 20 seeds a family the bootstrap's ends depend on its draws: the default is seed 0, the draws
+    of the loop written out; another seed gives another interval. A family without seeds is refused."""
+    import warnings
+
+    import numpy as np
+
+    from amortized_bayes.analysis import BOOTSTRAP_RESAMPLES
+
+    rng = np.random.default_rng(7)
+    fvi = [Crossing(float(t), float(t), True) for t in rng.uniform(50, 100, 20)]
+    avi = [Crossing(float(t), float(t), True) for t in rng.uniform(5, 20, 20)]
+    s = speedup(fvi, avi, "epochs")
+    assert (s.low, s.high, s.ci) == _loop_speedup(fvi, avi, "epochs", BOOTSTRAP_RESAMPLES)
+    assert s.ci[0] < s.low < s.ci[1] and speedup(fvi, avi, "epochs", seed=1).ci != s.ci
+    for empty in (([], avi), (fvi, []), ([], [])):
+        with pytest.raises(ValueError) as info:
+            speedup(*empty)
+        assert str(info.value) == "speedup needs at least one F-VI and one A-VI seed"
+    # A-VI there at its first evaluation (0 s): infinitely faster, without a warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        at_once = speedup(fvi[:3], [Crossing(0.0, 0.0, True)] * 3)
+    assert at_once.low == at_once.high == math.inf and at_once.ci == (math.inf, math.inf)
