@@ -186,3 +186,76 @@ def test_plugins_of_a_grid_file_and_of_its_base_are_found_beside_it_in_that_orde
     assert config.plugins == (str(first.resolve()), str(second.resolve())) and config.train.epochs == 2
     only_base = load_grid_file(_grid_file(folder, "h.json", json.dumps({"base": {"plugins": ["json"]}})))
     assert only_base.base == {"plugins": ["json"]}
+
+
+_FAMILY_PLUGIN = """
+from dataclasses import dataclass
+
+from amortized_bayes.config import EncoderConfig
+from amortized_bayes.families import AmortizedFamily, register_family
+
+
+@dataclass(frozen=True)
+class WithAKnobConfig(EncoderConfig):
+    {field}: int = 1
+
+
+@register_family
+class WithAKnob(AmortizedFamily):
+    name, short_name, title = {name!r}, "knob", "A-VI with a knob"
+    config_class = WithAKnobConfig
+"""
+
+
+def test_a_grid_imports_its_base_plugins_before_it_reads_its_axes(tmp_path):
+    """An axis over a field that only a family of the grid's base plugins has (names no other test has
+    used, so that nothing imported it before): the plugin is imported before the axes are read."""
+    import uuid
+
+    from amortized_bayes.families import FAMILIES
+
+    tag = uuid.uuid4().hex[:8]
+    name, field = f"knob-family-{tag}", f"knob_{tag}"
+    plugin = tmp_path / f"plugin_{tag}.py"
+    plugin.write_text(_FAMILY_PLUGIN.format(name=name, field=field))
+    grid = Grid(name="g", base={"plugins": [str(plugin)], "family": {"name": name}}, axes={f"family.{field}": [1, 2]})
+    try:
+        configs = grid.expand()
+        assert [getattr(c.family, field) for c in configs] == [1, 2] and configs[0].plugins == (str(plugin),)
+    finally:
+        FAMILIES.pop(name, None)
+
+
+def test_a_run_whose_id_would_be_unsafe_is_refused_by_the_grid_with_the_id_named():
+    """A registered name that makes an unsafe folder name (here an objective's, with a '/') is refused
+    when the grid is expanded, before anything is written, as the run id it would give."""
+    from amortized_bayes.objectives import ELBO, OBJECTIVES, register_objective
+
+    @register_objective
+    class Escaping(ELBO):
+        kind = "../escape"
+
+    try:
+        with pytest.raises(ConfigError) as info:
+            Grid(name="g", base={"objective": {"kind": "../escape"}}, axes={}).expand()
+        assert str(info.value).startswith("run id: must be 1-100 letters, digits, '.', '_', '+' or '-', not "
+                                          "starting with '.' and without '..'; got 'mnist-")
+    finally:
+        OBJECTIVES.pop("../escape", None)
+
+
+def test_a_type_error_of_a_config_class_is_reported_with_the_grid_name(monkeypatch):
+    """A config class of a plugin may raise TypeError on a value it cannot take: the grid says which grid."""
+    def refuse(raw):
+        raise TypeError("a plugin's config cannot take this")
+
+    monkeypatch.setattr(RunConfig, "from_dict", staticmethod(refuse))
+    with pytest.raises(ConfigError) as info:
+        Grid(name="my-grid", base={}, axes={}).expand()
+    assert str(info.value) == "grid my-grid: a plugin's config cannot take this"
+
+
+def test_an_axis_three_levels_deep_sets_that_field_and_no_other():
+    (config,) = Grid(name="g", base={}, axes={"train.test_inference.lr": [0.5]}).expand()
+    assert config.train.test_inference.lr == 0.5
+    assert config.train.lr == RunConfig().train.lr  # not the training step size of the level above
