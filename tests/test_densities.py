@@ -87,6 +87,13 @@ def test_every_gaussian_likelihood_form_equals_torch_distributions_in_value_and_
         torch.testing.assert_close(a, p)
 
 
+def test_the_per_image_gaussian_likelihood_takes_its_dimension_from_the_last_axis():
+    """x may carry leading axes of its own ((S, B, D) here, with D != B): the constant counts D pixels."""
+    x, mean = torch.rand(2, 3, 5, generator=G, dtype=torch.float64), _randn(2, 3, 5)
+    torch.testing.assert_close(dens.gaussian_log_likelihood(x, mean, 0.4),
+                               Normal(mean, math.sqrt(0.4)).log_prob(x).sum(-1))
+
+
 def test_the_fused_gaussian_totals_keep_float32_accurate_at_full_batch():
     """In float32 at a full batch of 10,000 MNIST-sized images (7.8 million residuals), the fused
     likelihoods sum the squares image by image: within 2e-6 of the float64 total. One norm over the
