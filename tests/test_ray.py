@@ -76,6 +76,18 @@ def _parents() -> dict[int, int]:
     return out
 
 
+def _with_descendants(roots: list[int]) -> list[int]:
+    family, frontier = set(roots), list(roots)
+    parents = _parents()
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in family:
+                family.add(child)
+                frontier.append(child)
+    return sorted(family)
+
+
 def _kill(pids: list[int]) -> None:
     for pid in pids:
         try:
@@ -104,8 +116,13 @@ class LoopbackCluster:
         self.shared = Path(self.temp) / "shared"
         self.shared.mkdir()
         (self.shared / "mnist").symlink_to(data_cache_dir("mnist"), target_is_directory=True)
+        # RAY_worker_niceness: Ray runs its workers at nice 15, so beside the other pytest-xdist worker
+        # (nice 0) on CI's two cores a task got a few % of a core and a 150-epoch run made no
+        # checkpoint in 240 s (seen here: 6% CPU beside two busy processes). The nodes' workers run
+        # at the tests' priority instead.
         self.env = {**self.driver_env, "AMORTIZED_BAYES_CACHE": str(Path(self.temp) / "nodecache"),
-                    "AMORTIZED_BAYES_OFFLINE": "1", "AMORTIZED_BAYES_DATA": str(self.shared)}
+                    "AMORTIZED_BAYES_OFFLINE": "1", "AMORTIZED_BAYES_DATA": str(self.shared),
+                    "RAY_worker_niceness": "0"}
 
     def _start(self, *args):
         proc = subprocess.run([self.ray, "start", *args, "--num-cpus=1", "--disable-usage-stats"],
@@ -121,19 +138,12 @@ class LoopbackCluster:
     def second_node_pids(self) -> list[int]:
         """The second node's processes (raylet, its helpers) and their descendants: the raylet's workers
         retitle themselves ("ray::execute_task"), so they are found through their parent."""
-        roots = [p for p in _pids_with(self.temp) if "127.0.0.3" in _cmdline(p)]
-        family, frontier = set(roots), list(roots)
-        parents = _parents()
-        while frontier:
-            pid = frontier.pop()
-            for child, parent in parents.items():
-                if parent == pid and child not in family:
-                    family.add(child)
-                    frontier.append(child)
-        return sorted(family)
+        return _with_descendants([p for p in _pids_with(self.temp) if "127.0.0.3" in _cmdline(p)])
 
     def stop(self):
-        _kill(_pids_with(self.temp))
+        # With their descendants: the agents (ray::DashboardAgent, ray::RuntimeEnvAgent) retitle
+        # themselves, and were left running, four per cluster, when only the temp folder was matched.
+        _kill(_with_descendants(_pids_with(self.temp)))
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
